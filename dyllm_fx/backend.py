@@ -1,0 +1,162 @@
+"""The `dyllm` torch.compile backend: analyse the Dynamo graph, rewrite it, lower it, run it with state.
+
+`dyllm_backend` is the `torch_dynamo_backends` entry point (`backend="dyllm"`); it must not register
+itself at import. `backend(**options)` gives the same backend with options bound.
+"""
+import copy
+import warnings
+import weakref
+from typing import Optional
+
+import torch
+from torch import fx, nn
+
+from dyllm_fx.options import Options
+from dyllm_fx.passes.attention import find_attention
+from dyllm_fx.passes.regions import plan_linears
+from dyllm_fx.passes.saliency_rewrite import SaliencyRewrite
+from dyllm_fx.passes.token_axis import TokenAxisAnalysis, tensor_meta
+from dyllm_fx.report import Report
+from dyllm_fx.state import SequenceState
+
+# Every live compiled graph, found again from a model's parameters by `stats`, `reset`, `explain`.
+LIVE_GRAPHS: "weakref.WeakSet[CompiledGraph]" = weakref.WeakSet()
+
+
+def clone_dynamo_gm(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy that keeps what AOTAutograd reads from Dynamo (static inputs for CUDA graphs)."""
+    new = copy.deepcopy(gm)
+    if hasattr(gm, "_param_name_to_source"):
+        new._param_name_to_source = dict(gm._param_name_to_source)
+    for a, b in zip(gm.graph.find_nodes(op="placeholder"), new.graph.find_nodes(op="placeholder")):
+        if hasattr(a, "_dynamo_source"):
+            b._dynamo_source = a._dynamo_source
+    return new
+
+
+def _is_user_input(node: fx.Node, example) -> bool:
+    return not isinstance(example, nn.Parameter) and "_buffers_" not in node.name and "_parameters_" not in node.name
+
+
+def _token_input(placeholders, example_inputs) -> Optional[int]:
+    users = [i for i, (n, e) in enumerate(zip(placeholders, example_inputs))
+             if isinstance(e, torch.Tensor) and _is_user_input(n, e)]
+    for i in users:
+        e = example_inputs[i]
+        if not e.is_floating_point() and e.dim() == 2 and e.dtype != torch.bool:
+            return i
+    for i in users:
+        if example_inputs[i].is_floating_point() and example_inputs[i].dim() == 3:
+            return i
+    return None
+
+
+class CompiledGraph:
+    """One graph compiled by the dyllm backend: the rewritten callable, its state and its report."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs, options: Options, mode: Optional[str]):
+        self.options = options
+        self.mode = mode
+        self.original = gm
+        self.param_ids = {id(e) for e in example_inputs if isinstance(e, nn.Parameter)}
+        self.report = Report(options)
+        self.state: Optional[SequenceState] = None
+        self.linears, self.sites, self.analysis = [], [], None
+        self.compiled = self._build(gm, list(example_inputs))
+        LIVE_GRAPHS.add(self)
+
+    def _lower(self, gm, example_inputs):
+        if self.options.lowering == "eager":
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = torch._inductor.list_mode_options(self.mode) if self.mode else None
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+    def _fallback(self, gm, example_inputs, why: str):
+        self.report.fallback = why
+        warnings.warn(f"dyllm: running the model unchanged: {why}", stacklevel=2)
+        return self._lower(gm, example_inputs)
+
+    def _build(self, gm, example_inputs):
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        if any(not isinstance(e, torch.Tensor) for e in example_inputs) or any(
+            isinstance(s, torch.SymInt) for e in example_inputs if isinstance(e, torch.Tensor) for s in e.shape
+        ):
+            return self._fallback(gm, example_inputs, "the graph has dynamic shapes; compile with "
+                                  "torch.compile(model, backend='dyllm', dynamic=False)")
+        if torch.is_grad_enabled() and any(isinstance(e, nn.Parameter) and e.requires_grad for e in example_inputs):
+            return self._fallback(gm, example_inputs, "gradients are enabled (training); call the model under "
+                                  "torch.no_grad() or torch.inference_mode() for the fast path")
+        token_index = _token_input(placeholders, example_inputs)
+        if token_index is None:
+            return self._fallback(gm, example_inputs, "no token input found: the model's first input must be "
+                                  "token ids [B, L] or embeddings [B, L, D]")
+        if int(example_inputs[token_index].shape[1]) < 2:
+            return self._fallback(gm, example_inputs, "sequence length < 2")
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and getattr(n.target, "__name__", "") == "dropout" and \
+                    n.kwargs.get("training", n.args[2] if len(n.args) > 2 else False):
+                return self._fallback(gm, example_inputs, "dropout is active (train mode); call model.eval()")
+        self.analysis = analysis = TokenAxisAnalysis(gm, placeholders[token_index])
+        self.sites = sites = find_attention(gm, analysis)
+        self.report.sites = sites
+        if not sites:
+            return self._fallback(gm, example_inputs, "no attention found in the graph (nothing to gate)")
+        if not any(s.supported for s in sites):
+            return self._fallback(gm, example_inputs, "no attention the delta-attention op can replace: " +
+                                  "; ".join(sorted({s.reason for s in sites})))
+        self.linears = plan_linears(gm, analysis, sites, self.options.policy)
+        self.report.linears = self.linears
+        self.report.batch, self.report.seq_len = analysis.B, analysis.L
+        rewritten = clone_dynamo_gm(gm)
+        node_map = dict(zip(gm.graph.nodes, rewritten.graph.nodes))
+        r_analysis = TokenAxisAnalysis(rewritten, node_map[placeholders[token_index]])
+        r_sites = find_attention(rewritten, r_analysis)
+        r_linears = plan_linears(rewritten, r_analysis, r_sites, self.options.policy)
+        result = SaliencyRewrite(rewritten, r_analysis, r_sites, r_linears, self.options.tau).run()
+        self.report.cache_points = result.cache_points
+        others = [i for i, (n, e) in enumerate(zip(placeholders, example_inputs))
+                  if i != token_index and _is_user_input(n, e)]
+        device = example_inputs[token_index].device
+        self.state = SequenceState(result.buffers, device, self.options, token_index, others)
+        self.report.cache_bytes = self.state.cache_bytes
+        self.rewritten = rewritten
+        return self._lower(rewritten, example_inputs + list(self.state.tensors))
+
+    def __call__(self, *args):
+        if self.state is None:
+            return self.compiled(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, nn.Parameter) and a.requires_grad for a in args):
+            return self.original(*args)
+        extra = self.state.prepare(args)
+        out = self.compiled(*args, *extra)
+        self.state.record()
+        return out
+
+
+def dyllm_backend(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, options: Optional[dict] = None):
+    """torch.compile backend entry point: `torch.compile(model, backend="dyllm", options={...})`."""
+    return CompiledGraph(gm, example_inputs, Options.from_dict(options), mode)
+
+
+class Backend:
+    """`dyllm_fx.backend(**options)`: the dyllm backend with options bound."""
+
+    def __init__(self, **options):
+        self.options = Options.from_dict(options)
+
+    def __call__(self, gm, example_inputs, mode=None, options=None):
+        opts = self.options if not options else Options.from_dict({**self.options.__dict__, **options})
+        return CompiledGraph(gm, example_inputs, opts, mode)
+
+
+def backend(**options) -> Backend:
+    """A backend callable for `torch.compile(model, backend=dyllm_fx.backend(tau=0.99))`."""
+    return Backend(**options)
+
+
+def graphs_of(model) -> list[CompiledGraph]:
+    """The live compiled graphs that captured this model's parameters."""
+    ids = {id(p) for p in model.parameters()} if isinstance(model, nn.Module) else set()
+    return [g for g in list(LIVE_GRAPHS) if g.param_ids & ids]

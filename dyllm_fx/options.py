@@ -1,0 +1,50 @@
+"""Backend options, validated: `torch.compile(model, backend="dyllm", options={...})`."""
+from dataclasses import dataclass, fields
+from typing import Optional
+
+POLICIES = ("paper", "full")
+LOWERINGS = ("inductor", "eager")
+
+
+@dataclass(frozen=True)
+class Options:
+    """`tau`: cosine threshold of the saliency test, in (0, 1]; 1.0 reproduces the model.
+    `dense_steps`: dense warm-up steps after a new sequence starts.
+    `policy`: "paper" (gate K/V and MLP, the published schedule) or "full" (gate every linear).
+    `lowering`: "inductor" (compile the rewritten graph) or "eager" (run it as is: debugging, tests).
+    `mask_id`: the [MASK] token id; enables response-only query rows with a prompt pass every
+    `prompt_period` steps, and detects a new sequence when a non-mask token changes."""
+
+    tau: float = 0.99
+    dense_steps: int = 4
+    policy: str = "paper"
+    lowering: str = "inductor"
+    mask_id: Optional[int] = None
+    prompt_period: int = 4
+
+    def __post_init__(self):
+        def bad(key, why):
+            raise ValueError(f"dyllm option {key}={getattr(self, key)!r}: {why}")
+
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 < self.tau <= 1:
+            bad("tau", "must be a number in (0, 1]; 1.0 reproduces the model, 0.99 is the usual setting")
+        if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int) or self.dense_steps < 1:
+            bad("dense_steps", "must be an int >= 1 (the first step of a sequence fills the caches)")
+        if self.policy not in POLICIES:
+            bad("policy", f"must be one of {POLICIES}")
+        if self.lowering not in LOWERINGS:
+            bad("lowering", f"must be one of {LOWERINGS}")
+        if self.mask_id is not None and (isinstance(self.mask_id, bool) or not isinstance(self.mask_id, int) or self.mask_id < 0):
+            bad("mask_id", "must be None or a non-negative token id")
+        if isinstance(self.prompt_period, bool) or not isinstance(self.prompt_period, int) or self.prompt_period < 1:
+            bad("prompt_period", "must be an int >= 1")
+
+    @classmethod
+    def from_dict(cls, options: Optional[dict]) -> "Options":
+        options = dict(options or {})
+        valid = {f.name: f.default for f in fields(cls)}
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            listing = ", ".join(f"{k} (default {v!r})" for k, v in valid.items())
+            raise ValueError(f"unknown dyllm option(s) {unknown}; valid options: {listing}")
+        return cls(**options)

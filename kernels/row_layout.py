@@ -1,0 +1,29 @@
+"""How a tensor's rows map to the `[B, L]` row mask.
+
+Every row op takes two ints: `token_axis`, and `batch_axis`, which equals `token_axis` when batch and
+token are merged into one flat axis of size `B * L` (batch outer), and is -1 when the batch has size 1
+and no axis of its own. Both cases index rows by the flat position `b * L + l`.
+"""
+from torch import Tensor
+
+
+def _rows_view(t: Tensor, batch_axis: int, token_axis: int) -> Tensor:
+    if batch_axis == token_axis or batch_axis < 0:
+        return t.movedim(token_axis, 0)
+    return t.movedim((batch_axis, token_axis), (0, 1))
+
+
+def _index(rows: Tensor, batch_axis: int, token_axis: int):
+    if batch_axis == token_axis or batch_axis < 0:
+        return (rows.reshape(-1).nonzero().squeeze(1),)
+    return tuple(rows.nonzero().unbind(1))
+
+
+def gather_rows(t: Tensor, rows: Tensor, batch_axis: int, token_axis: int) -> Tensor:
+    """The selected rows of `t` as `[n, *other axes]`."""
+    return _rows_view(t, batch_axis, token_axis)[_index(rows, batch_axis, token_axis)]
+
+
+def scatter_rows_(t: Tensor, rows: Tensor, values: Tensor, batch_axis: int, token_axis: int) -> None:
+    """Writes `values` (`[n, *other axes]`, as from `gather_rows`) into the selected rows of `t`."""
+    _rows_view(t, batch_axis, token_axis)[_index(rows, batch_axis, token_axis)] = values

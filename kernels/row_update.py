@@ -1,0 +1,23 @@
+"""`dyllm::row_update_`: writes the selected rows of a freshly computed tensor into its cache.
+
+After the call the cache holds the new value on the selected rows and the cached one elsewhere; the
+rewritten graph reads the cache in place of the tensor.
+"""
+import torch
+from torch import Tensor
+
+from .row_layout import gather_rows, scatter_rows_
+
+
+def row_update_reference(cache, new, rows, batch_axis, token_axis):
+    scatter_rows_(cache, rows, gather_rows(new, rows, batch_axis, token_axis).to(cache.dtype), batch_axis, token_axis)
+
+
+@torch.library.custom_op("dyllm::row_update_", mutates_args={"cache"})
+def row_update_(cache: Tensor, new: Tensor, rows: Tensor, batch_axis: int, token_axis: int) -> None:
+    row_update_reference(cache, new, rows, batch_axis, token_axis)
+
+
+@row_update_.register_fake
+def _(cache, new, rows, batch_axis, token_axis):
+    return None

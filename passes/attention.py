@@ -1,0 +1,179 @@
+"""Finds every attention in a Dynamo graph: SDPA calls, and matmul -> softmax -> matmul written by hand.
+
+An `AttentionSite` names the q, k, v and mask nodes, the scale, and the node whose value is the
+attention output. A site is `supported` when the delta-attention op can replace it exactly: SDPA
+layout `[B, H, L, D]` for q, k, v (token axis 2), self-attention over the token axis, no causal flag,
+no dropout, and (hand-written) no other reader of the scores or probabilities. Otherwise `reason`
+says why, and the site stays dense.
+"""
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import fx
+
+from .token_axis import TokenAxisAnalysis, op_name, tensor_meta
+
+SDPA = torch._C._nn.scaled_dot_product_attention
+
+
+@dataclass
+class AttentionSite:
+    index: int
+    output: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    mask: Optional[fx.Node]
+    scale: float
+    kind: str  # "sdpa" or "matmul-softmax"
+    inner: list = field(default_factory=list)  # hand-written: scores/probability nodes replaced with it
+    reason: Optional[str] = None
+
+    @property
+    def supported(self) -> bool:
+        return self.reason is None
+
+    @property
+    def heads(self) -> int:
+        return int(tensor_meta(self.q).shape[1])
+
+    @property
+    def kv_heads(self) -> int:
+        return int(tensor_meta(self.k).shape[1])
+
+    @property
+    def head_dim(self) -> int:
+        return int(tensor_meta(self.q).shape[-1])
+
+
+def _arg(node, i, name, default=None):
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[i] if len(node.args) > i else default
+
+
+def _is_matmul(n) -> bool:
+    return isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and op_name(n) == "matmul"
+
+
+def _single_user(n) -> bool:
+    return len(n.users) == 1
+
+
+def _untranspose(kt: fx.Node) -> Optional[fx.Node]:
+    """k from k^T when kt swaps the last two axes of k."""
+    name = op_name(kt)
+    x = kt.args[0] if kt.args else None
+    ex = tensor_meta(x)
+    if ex is None:
+        return None
+    nd = ex.dim()
+    if name in ("transpose", "swapaxes") and {kt.args[1] % nd, kt.args[2] % nd} == {nd - 2, nd - 1}:
+        return x
+    if name == "permute":
+        dims = kt.args[1] if isinstance(kt.args[1], (list, tuple)) else kt.args[1:]
+        if [d % nd for d in dims] == list(range(nd - 2)) + [nd - 1, nd - 2]:
+            return x
+    if name == "mT":
+        return x
+    return None
+
+
+def _match_handwritten(out: fx.Node) -> Optional[AttentionSite]:
+    """out = matmul(P, v), P = [dropout|to]* softmax([add mask] [mul|div scale] matmul(q, k^T))."""
+    p, v = out.args[0], out.args[1]
+    inner = []
+    while isinstance(p, fx.Node) and op_name(p) in ("dropout", "to", "type_as", "float", "contiguous"):
+        inner.append(p)
+        p = p.args[0]
+    if not (isinstance(p, fx.Node) and op_name(p) == "softmax"):
+        return None
+    dim = _arg(p, 1, "dim")
+    if dim is None or tensor_meta(p) is None or dim % tensor_meta(p).dim() != tensor_meta(p).dim() - 1:
+        return None
+    inner.append(p)
+    s, mask, scale = p.args[0], None, 1.0
+    while isinstance(s, fx.Node) and not _is_matmul(s):
+        inner.append(s)
+        name = op_name(s)
+        a, b = (s.args + (None, None))[:2]
+        if name in ("add", "iadd") and isinstance(a, fx.Node) and isinstance(b, fx.Node):
+            if mask is not None:
+                return None
+            scores_first = _is_matmul(a) or op_name(a) in ("mul", "truediv", "div", "to", "float")
+            s, mask = (a, b) if scores_first else (b, a)
+        elif name in ("mul", "imul") and isinstance(b, (int, float)):
+            scale, s = scale * b, a
+        elif name in ("mul",) and isinstance(a, (int, float)):
+            scale, s = scale * a, b
+        elif name in ("truediv", "div", "itruediv") and isinstance(b, (int, float)):
+            scale, s = scale / b, a
+        elif name in ("to", "float"):
+            s = a
+        else:
+            return None
+    if not _is_matmul(s):
+        return None
+    inner.append(s)
+    q, kt = s.args[0], s.args[1]
+    k = _untranspose(kt) if isinstance(kt, fx.Node) else None
+    if k is None:
+        return None
+    inner.append(kt)
+    site = AttentionSite(-1, out, q, k, v, mask, float(scale), "matmul-softmax", inner=inner)
+    if any(not _single_user(n) for n in inner if n is not kt):
+        site.reason = "the attention scores or probabilities are read elsewhere (e.g. returned)"
+    return site
+
+
+def find_attention(gm: fx.GraphModule, analysis: TokenAxisAnalysis) -> list[AttentionSite]:
+    sites = []
+    for node in gm.graph.nodes:
+        site = None
+        if node.op == "call_function" and node.target is SDPA:
+            q, k, v = node.args[:3]
+            mask = _arg(node, 3, "attn_mask")
+            scale = _arg(node, 6, "scale")
+            D = int(tensor_meta(q).shape[-1])
+            site = AttentionSite(-1, node, q, k, v, mask, float(scale) if scale is not None else 1 / math.sqrt(D), "sdpa")
+            if _arg(node, 5, "is_causal", False):
+                site.reason = "causal attention (is_causal=True): not a bidirectional diffusion LM layer"
+            elif _arg(node, 4, "dropout_p", 0.0):
+                site.reason = "attention dropout is active (train mode?)"
+        elif _is_matmul(node) and node in analysis.varying:
+            site = _match_handwritten(node)
+        if site is None:
+            continue
+        site.index = len(sites)
+        if site.reason is None:
+            site.reason = _layout_problem(site, analysis)
+        sites.append(site)
+    return sites
+
+
+def _layout_problem(site: AttentionSite, analysis: TokenAxisAnalysis) -> Optional[str]:
+    for name in ("q", "k", "v"):
+        node = getattr(site, name)
+        ex = tensor_meta(node)
+        if ex is None or ex.dim() != 4:
+            return f"{name} is not a 4-D [B, H, L, D] tensor"
+        if node not in analysis.varying:
+            return f"{name} does not depend on the token input (cross-attention to a fixed memory)"
+        a = analysis.axes.get(node)
+        if a is None:
+            return f"the token axis of {name} could not be proven"
+        if a.token != 2 or a.batch not in (0, -1):
+            return f"{name} is not in [B, H, L, D] layout (token axis {a.token})"
+    q, k = tensor_meta(site.q), tensor_meta(site.k)
+    if q.shape[1] % k.shape[1]:
+        return "query heads are not a multiple of key/value heads"
+    if site.mask is not None:
+        if site.mask in analysis.varying:
+            return "the attention mask depends on the token values"
+        m = tensor_meta(site.mask)
+        if m is None or m.dim() > 4:
+            return "the attention mask is not a tensor of rank <= 4"
+    return None

@@ -1,0 +1,160 @@
+"""The saliency rewrite: gated linears, delta attention and cache points, with caches as graph inputs.
+
+Walks the graph once, in order, tracking which tensors are *partial*: valid only on the rows of one
+region's row set (the output of a gated linear, and row-wise ops over it with tensors that do not
+depend on the token input). A partial tensor may feed another gated linear of the same region, or the
+key/value of the next attention (whose K/V cache takes exactly those rows). Anywhere else (a residual
+add with a full tensor, a query, a graph output, an op that mixes rows) it goes through a *cache
+point*: `row_update_` writes its valid rows into a cache and the consumer reads the cache.
+"""
+import operator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import fx
+
+from dyllm_fx import kernels  # noqa: F401  (registers torch.ops.dyllm)
+
+from .attention import AttentionSite
+from .regions import LinearSite
+from .token_axis import TokenAxisAnalysis, tensor_meta
+
+ops = torch.ops.dyllm
+
+
+@dataclass
+class BufferSpec:
+    """A graph input the runtime owns: shape, dtype, and what it holds."""
+
+    name: str
+    shape: tuple
+    dtype: torch.dtype
+    role: str  # entry_rows | query_rows | dense | stats | k_cache | v_cache | context | lse | cache
+
+
+@dataclass
+class RewriteResult:
+    buffers: list[BufferSpec] = field(default_factory=list)
+    cache_points: list[tuple[str, str]] = field(default_factory=list)  # (node name, region)
+
+
+class SaliencyRewrite:
+    def __init__(self, gm: fx.GraphModule, analysis: TokenAxisAnalysis, sites: list[AttentionSite],
+                 linears: list[LinearSite], tau: float):
+        self.gm, self.graph, self.analysis = gm, gm.graph, analysis
+        self.sites, self.tau = [s for s in sites if s.supported], tau
+        self.gated = {l.node: l.region for l in linears if l.region is not None}
+        self.result = RewriteResult()
+        self.partial: dict[fx.Node, int] = {}
+        self.cache_of: dict[fx.Node, fx.Node] = {}
+        self.fake_mode = next(tensor_meta(n).fake_mode for n in self.graph.nodes
+                              if tensor_meta(n) is not None and hasattr(tensor_meta(n), "fake_mode"))
+        self._last_placeholder = list(self.graph.find_nodes(op="placeholder"))[-1]
+
+    # -- graph inputs the runtime owns -------------------------------------------------------------
+    def _input(self, name, shape, dtype, role, device) -> fx.Node:
+        with self.graph.inserting_after(self._last_placeholder):
+            node = self.graph.placeholder(f"dyllm_{name}")
+        node._dynamo_source = None
+        node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+        with self.fake_mode:
+            node.meta["example_value"] = torch.empty(shape, dtype=dtype, device=device)
+        self._last_placeholder = node
+        self.result.buffers.append(BufferSpec(node.name, tuple(shape), dtype, role))
+        return node
+
+    def _cache_point(self, node: fx.Node) -> fx.Node:
+        if node not in self.cache_of:
+            ex, axes = tensor_meta(node), self.analysis.axes[node]
+            cache = self._input(f"cache_{node.name}", tuple(ex.shape), ex.dtype, "cache", ex.device)
+            with self.graph.inserting_after(node):
+                self.graph.call_function(ops.row_update_.default,
+                                         (cache, node, self.rows[self.partial[node]], axes.batch, axes.token))
+            self.cache_of[node] = cache
+            self.result.cache_points.append((node.name, self.partial[node]))
+        return self.cache_of[node]
+
+    def _use_cache(self, consumer: fx.Node, node: fx.Node) -> None:
+        consumer.replace_input_with(node, self._cache_point(node))
+
+    # -- the walk --------------------------------------------------------------------------------
+    def run(self) -> RewriteResult:
+        ex = tensor_meta(self.analysis.token_input)
+        B, L, dev = self.analysis.B, self.analysis.L, ex.device
+        self.rows = {-1: self._input("entry_rows", (B, L), torch.bool, "entry_rows", dev)}
+        self.query_rows = self._input("query_rows", (B, L), torch.bool, "query_rows", dev)
+        self.dense = self._input("dense", (), torch.bool, "dense", dev)
+        self.stats = self._input("stats", (max(len(self.sites), 1), 4), torch.int64, "stats", dev)
+        site_of = {s.output: s for s in self.sites}
+        inner = {n for s in self.sites for n in s.inner}
+        for node in list(self.graph.nodes):
+            if node in inner or node.op == "placeholder":
+                continue
+            if node in self.gated:
+                self._gate_linear(node)
+            elif node in site_of:
+                self._delta_attention(site_of[node])
+            elif node.op == "output":
+                for a in node.all_input_nodes:
+                    if a in self.partial:
+                        self._use_cache(node, a)
+            else:
+                self._propagate(node)
+        self.graph.eliminate_dead_code()
+        self.graph.lint()
+        self.gm.recompile()
+        return self.result
+
+    def _gate_linear(self, node: fx.Node) -> None:
+        region = self.gated[node]
+        x, w = node.args[0], node.args[1]
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if x in self.partial and self.partial[x] != region:
+            x = self._cache_point(x)
+        axes = self.analysis.axes[node.args[0]]
+        node.target = ops.sparse_rows_linear.default
+        node.args, node.kwargs = (x, w, b, self.rows[region], axes.batch, axes.token), {}
+        self.partial[node] = region
+
+    def _delta_attention(self, site: AttentionSite) -> None:
+        q, k, v = site.q, site.k, site.v
+        if q in self.partial:
+            q = self._cache_point(q)
+        regions = {self.partial.get(k), self.partial.get(v)}
+        if len(regions) == 1 and None not in regions:
+            kv_rows = self.rows[regions.pop()]
+        else:
+            k = self._cache_point(k) if k in self.partial else k
+            v = self._cache_point(v) if v in self.partial else v
+            kv_rows = None
+        qe, ke, ve = tensor_meta(site.q), tensor_meta(site.k), tensor_meta(site.v)
+        i, dev = site.index, qe.device
+        caches = [
+            self._input(f"k_cache_{i}", tuple(ke.shape), ke.dtype, "k_cache", dev),
+            self._input(f"v_cache_{i}", tuple(ve.shape), ve.dtype, "v_cache", dev),
+            self._input(f"context_{i}", tuple(qe.shape), torch.float32, "context", dev),
+            self._input(f"lse_{i}", tuple(qe.shape[:3]), torch.float32, "lse", dev),
+        ]
+        with self.graph.inserting_before(site.output):
+            delta = self.graph.call_function(
+                ops.delta_attention.default,
+                (q, k, v, site.mask, kv_rows, self.query_rows, self.rows[-1], self.dense, *caches, self.stats, i,
+                 site.scale, self.tau))
+            out = self.graph.call_function(operator.getitem, (delta, 0))
+            rows = self.graph.call_function(operator.getitem, (delta, 1))
+        out.meta["example_value"] = tensor_meta(site.output)
+        site.output.replace_all_uses_with(out)
+        self.rows[i] = rows
+
+    def _propagate(self, node: fx.Node) -> None:
+        partial_inputs = [a for a in node.all_input_nodes if a in self.partial]
+        if not partial_inputs:
+            return
+        regions = {self.partial[a] for a in partial_inputs}
+        full_varying = [a for a in node.all_input_nodes if a in self.analysis.varying and a not in self.partial]
+        if node in self.analysis.rowwise and len(regions) == 1 and not full_varying:
+            self.partial[node] = regions.pop()
+            return
+        for a in partial_inputs:
+            self._use_cache(node, a)
