@@ -1,5 +1,10 @@
-"""dyllm-fx: saliency-gated incremental inference for masked-diffusion LMs, as a torch.compile backend."""
-from dyllm_fx.backend import backend
-from dyllm_fx.options import Options
+"""dyllm-fx: saliency-gated incremental inference for masked-diffusion LMs, as a torch.compile backend.
 
-__all__ = ["backend", "Options"]
+    model = torch.compile(model, backend="dyllm", options={"tau": 0.99})
+"""
+from dyllm_fx.backend import backend
+from dyllm_fx.explain import explain
+from dyllm_fx.options import Options
+from dyllm_fx.stats import reset, stats
+
+__all__ = ["backend", "explain", "Options", "reset", "stats"]
