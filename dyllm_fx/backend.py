@@ -114,11 +114,12 @@ class CompiledGraph:
         r_analysis = TokenAxisAnalysis(rewritten, node_map[placeholders[token_index]])
         r_sites = find_attention(rewritten, r_analysis)
         r_linears = plan_linears(rewritten, r_analysis, r_sites, self.options.policy)
-        result = SaliencyRewrite(rewritten, r_analysis, r_sites, r_linears, self.options.tau).run()
+        device = example_inputs[token_index].device
+        result = SaliencyRewrite(rewritten, r_analysis, r_sites, r_linears, self.options.tau,
+                                 self.options.exact_below(device)).run()
         self.report.cache_points = result.cache_points
         others = [i for i, (n, e) in enumerate(zip(placeholders, example_inputs))
                   if i != token_index and _is_user_input(n, e)]
-        device = example_inputs[token_index].device
         self.state = SequenceState(result.buffers, device, self.options, token_index, others)
         self.report.cache_bytes = self.state.cache_bytes
         self.rewritten = rewritten

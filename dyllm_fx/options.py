@@ -2,6 +2,8 @@
 from dataclasses import dataclass, fields
 from typing import Optional
 
+import torch
+
 POLICIES = ("paper", "full")
 LOWERINGS = ("inductor", "eager")
 
@@ -13,7 +15,9 @@ class Options:
     `policy`: "paper" (gate K/V and MLP, the published schedule) or "full" (gate every linear).
     `lowering`: "inductor" (compile the rewritten graph) or "eager" (run it as is: debugging, tests).
     `mask_id`: the [MASK] token id; enables response-only query rows with a prompt pass every
-    `prompt_period` steps, and detects a new sequence when a non-mask token changes."""
+    `prompt_period` steps, and detects a new sequence when a non-mask token changes.
+    `exact_attention_below`: up to this key length, attention recomputes every query row exactly (one
+    SDPA call) instead of the incremental update; None: 256 on CPU, 0 on GPU."""
 
     tau: float = 0.99
     dense_steps: int = 4
@@ -21,6 +25,7 @@ class Options:
     lowering: str = "inductor"
     mask_id: Optional[int] = None
     prompt_period: int = 4
+    exact_attention_below: Optional[int] = None
 
     def __post_init__(self):
         def bad(key, why):
@@ -36,8 +41,17 @@ class Options:
             bad("lowering", f"must be one of {LOWERINGS}")
         if self.mask_id is not None and (isinstance(self.mask_id, bool) or not isinstance(self.mask_id, int) or self.mask_id < 0):
             bad("mask_id", "must be None or a non-negative token id")
+        if self.exact_attention_below is not None and (
+                isinstance(self.exact_attention_below, bool) or not isinstance(self.exact_attention_below, int)
+                or self.exact_attention_below < 0):
+            bad("exact_attention_below", "must be None or an int >= 0")
         if isinstance(self.prompt_period, bool) or not isinstance(self.prompt_period, int) or self.prompt_period < 1:
             bad("prompt_period", "must be an int >= 1")
+
+    def exact_below(self, device) -> int:
+        if self.exact_attention_below is not None:
+            return self.exact_attention_below
+        return 256 if torch.device(device).type == "cpu" else 0
 
     @classmethod
     def from_dict(cls, options: Optional[dict]) -> "Options":

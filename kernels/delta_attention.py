@@ -12,6 +12,10 @@ Per query row in `query_rows`:
   the row's softmax mass, the subtraction would lose precision: that row is recomputed exactly.
 Rows outside `query_rows` keep their cached context.
 
+When the key length is at most `exact_below`, every query row is recomputed exactly by one SDPA call
+instead: at short lengths that costs less than the incremental update's many small ops (CPU), and it
+is exact. The backend sets it per device (`Options.exact_attention_below`).
+
 Saliency: a query row is salient when `cos(new context, cached context) < tau` over all heads; with
 `tau >= 1` any change at all makes it salient (exactness). Rows in `always_rows` (the tokens that
 changed at the model's input: their whole residual stream moved) are salient whatever their cosine. On a dense step (`dense` set) every row is
@@ -28,96 +32,148 @@ from torch import Tensor
 CANCELLATION_FLOOR = 1e-2
 
 
-def _additive(mask: Optional[Tensor], dtype) -> Optional[Tensor]:
-    if mask is None or mask.dtype != torch.bool:
-        return None if mask is None else mask.to(dtype)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
-
-
-def _mask_block(mask: Optional[Tensor], b: int, hk: int, g: int, qi: Tensor, kj: Optional[Tensor]):
-    """Mask for batch b, query rows qi, key columns kj (None = all), shaped to broadcast with [Hk, g, n, m]."""
+def _additive(mask: Optional[Tensor], B: int, L: int) -> Optional[Tensor]:
+    """The mask as fp32 additive `[B, 1 or H, L, L]`."""
     if mask is None:
-        return 0.0
-    m = mask[b if mask.shape[0] > 1 else 0] if mask.dim() == 4 else mask
-    while m.dim() < 3:
-        m = m.unsqueeze(0)
-    m = m[:, qi] if m.shape[1] > 1 else m
-    if kj is not None:
-        m = m[..., kj] if m.shape[-1] > 1 else m
-    return m.unflatten(0, (hk, g)) if m.shape[0] > 1 else m.unsqueeze(0)
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, -math.inf)
+    mask = mask.to(torch.float32)
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    return mask.expand(B, mask.shape[1], L, L)
 
 
-def _exact(qb, kb, vb, mask_b, scale):
-    """qb [Hk, g, n, D], kb/vb [Hk, 1, L, D] -> context [Hk, g, n, D], lse [Hk, g, n] (fp32)."""
-    s = (qb @ kb.transpose(-2, -1)) * scale + mask_b
-    lse = torch.logsumexp(s, dim=-1)
-    return torch.exp(s - lse.unsqueeze(-1)) @ vb, lse
+def _select(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Per batch, the selected row indices padded to the largest count: `(index [B, n], valid [B, n])`."""
+    n = max(int(rows.sum(1).max()), 1)
+    order = torch.sort(rows.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :n]
+    return order, rows.gather(1, order)
+
+
+def _take(t: Tensor, index: Tensor, dim: int) -> Tensor:
+    """`t` indexed along `dim` by a per-batch `index [B, n]` (dims before `dim` other than 0 broadcast)."""
+    shape = [index.shape[0]] + [1] * (dim - 1) + [index.shape[1]] + [1] * (t.dim() - dim - 1)
+    expand = list(t.shape)
+    expand[dim] = index.shape[1]
+    return t.gather(dim, index.view(shape).expand(expand))
+
+
+def _grouped(t: Tensor, hk: int) -> Tensor:
+    """[B, H or 1, ...] -> [B, Hk, g or 1, ...] for broadcasting against grouped queries."""
+    return t.unflatten(1, (hk, t.shape[1] // hk)) if t.shape[1] > 1 else t.unsqueeze(1)
+
+
+def _write_rows(cache: Tensor, index: Tensor, valid: Tensor, values: Tensor) -> None:
+    """cache[b, :, index[b, j]] = values[b, :, j] for the valid slots (token axis 2)."""
+    b, j = valid.nonzero().unbind(1)
+    cache[b, :, index[b, j]] = values[b, :, j]
+
+
+def _saliency(new_ctx, old_ctx, query_rows, always_rows, tau):
+    new, old = new_ctx.transpose(1, 2).flatten(2), old_ctx.transpose(1, 2).flatten(2)
+    if tau >= 1.0:
+        moved = (new != old).any(-1)
+    else:
+        cos = (new * old).sum(-1) / (new.norm(dim=-1) * old.norm(dim=-1)).clamp_min(1e-30)
+        moved = cos < tau
+    return (moved | always_rows) & query_rows
+
+
+def _exact_all(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache, ctx_cache,
+               stats, layer, scale, tau):
+    """Every query row exact (one SDPA call over the updated K/V cache)."""
+    B, H, L, D = q.shape
+    if bool(dense) or kv_rows is None:
+        k_cache.copy_(k)
+        v_cache.copy_(v)
+    else:
+        keep = ~kv_rows[:, None, :, None]
+        k_cache.copy_(torch.where(keep, k_cache, k))
+        v_cache.copy_(torch.where(keep, v_cache, v))
+    ctx = torch.nn.functional.scaled_dot_product_attention(
+        q, k_cache, v_cache, attn_mask=attn_mask, scale=scale, enable_gqa=k.shape[1] != H).to(torch.float32)
+    if bool(dense):
+        salient = torch.ones(B, L, dtype=torch.bool, device=q.device)
+        ctx_cache.copy_(ctx)
+        n_query = B * L
+    else:
+        new_ctx = torch.where(query_rows[:, None, :, None], ctx, ctx_cache)
+        salient = _saliency(new_ctx, ctx_cache, query_rows, always_rows, tau)
+        ctx_cache.copy_(new_ctx)
+        n_query = query_rows.sum()
+    stats[layer] = torch.stack([salient.sum(), torch.as_tensor(n_query), torch.tensor(0), torch.as_tensor(n_query)]).to(stats.device)
+    return ctx_cache.to(dtype=q.dtype, copy=True), salient
 
 
 def delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache,
-                              ctx_cache, lse_cache, stats, layer, scale, tau):
+                              ctx_cache, lse_cache, stats, layer, scale, tau, exact_below):
     B, H, L, D = q.shape
+    if L <= exact_below:
+        return _exact_all(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache,
+                          ctx_cache, stats, layer, scale, tau)
     Hk = k.shape[1]
     g = H // Hk
-    f32 = torch.float32
-    mask = _additive(attn_mask, f32)
+    mask = _additive(attn_mask, B, L)
+    qg = q.to(torch.float32).unflatten(1, (Hk, g))
     old_ctx = ctx_cache.clone()
-    counts = torch.zeros(3, dtype=torch.int64)
-    if bool(dense):
-        k_cache.copy_(k)
-        v_cache.copy_(v)
-    for b in range(B):
-        qb = q[b].to(f32).unflatten(0, (Hk, g))
-        all_rows = torch.arange(L, device=q.device)
-        if bool(dense):
-            exact_rows, incr_rows, cols = all_rows, all_rows[:0], all_rows[:0]
-        else:
-            changed = kv_rows[b] if kv_rows is not None else torch.ones(L, dtype=torch.bool, device=q.device)
-            cols = changed.nonzero().squeeze(1)
-            exact_rows = (changed & query_rows[b]).nonzero().squeeze(1)
-            incr_rows = (~changed & query_rows[b]).nonzero().squeeze(1) if cols.numel() else all_rows[:0]
-            k_old = k_cache[b][:, cols].to(f32).unsqueeze(1)
-            v_old = v_cache[b][:, cols].to(f32).unsqueeze(1)
-            k_cache[b][:, cols] = k[b][:, cols]
-            v_cache[b][:, cols] = v[b][:, cols]
-        kb = k_cache[b].to(f32).unsqueeze(1)
-        vb = v_cache[b].to(f32).unsqueeze(1)
-        if incr_rows.numel():
-            qr = qb[:, :, incr_rows]
-            s_old = (qr @ k_old.transpose(-2, -1)) * scale + _mask_block(mask, b, Hk, g, incr_rows, cols)
-            s_new = (qr @ kb[:, :, cols].transpose(-2, -1)) * scale + _mask_block(mask, b, Hk, g, incr_rows, cols)
-            lse0 = lse_cache[b][:, incr_rows].unflatten(0, (Hk, g))
-            c0 = ctx_cache[b][:, incr_rows].unflatten(0, (Hk, g))
-            m = torch.maximum(lse0, torch.maximum(s_old.amax(-1), s_new.amax(-1)))
-            w_old = torch.exp(s_old - m.unsqueeze(-1))
-            w_new = torch.exp(s_new - m.unsqueeze(-1))
-            base = torch.exp(lse0 - m)
-            rest = base - w_old.sum(-1)
-            den = rest + w_new.sum(-1)
-            ctx = (c0 * base.unsqueeze(-1) - w_old @ v_old + w_new @ vb[:, :, cols]) / den.unsqueeze(-1)
-            lse = m + torch.log(den)
-            ctx_cache[b][:, incr_rows] = ctx.flatten(0, 1)
-            lse_cache[b][:, incr_rows] = lse.flatten(0, 1)
-            cancelled = (rest < CANCELLATION_FLOOR * base).flatten(0, 1).any(0)
-            exact_rows = torch.cat([exact_rows, incr_rows[cancelled]])
-            incr_rows = incr_rows[~cancelled]
-        if exact_rows.numel():
-            ctx, lse = _exact(qb[:, :, exact_rows], kb, vb, _mask_block(mask, b, Hk, g, exact_rows, None), scale)
-            ctx_cache[b][:, exact_rows] = ctx.flatten(0, 1)
-            lse_cache[b][:, exact_rows] = lse.flatten(0, 1)
-        counts += torch.tensor([exact_rows.numel(), incr_rows.numel(), int(query_rows[b].sum()) if not bool(dense) else L])
-    if bool(dense):
+    is_dense = bool(dense)
+    if is_dense:
+        changed = torch.ones(B, L, dtype=torch.bool, device=q.device)
+        exact, incremental = changed, ~changed
+    else:
+        changed = kv_rows if kv_rows is not None else torch.ones(B, L, dtype=torch.bool, device=q.device)
+        exact = changed & query_rows
+        incremental = ~changed & query_rows if bool(changed.any()) else torch.zeros_like(changed)
+
+    cols, col_valid = _select(changed)
+    k_old = _take(k_cache, cols, 2).to(torch.float32)
+    v_old = _take(v_cache, cols, 2).to(torch.float32)
+    _write_rows(k_cache, cols, col_valid, _take(k, cols, 2))
+    _write_rows(v_cache, cols, col_valid, _take(v, cols, 2))
+
+    if bool(incremental.any()):
+        k_new = _take(k_cache, cols, 2).to(torch.float32)
+        v_new = _take(v_cache, cols, 2).to(torch.float32)
+        col_mask = torch.zeros(B, 1, 1, cols.shape[1], device=q.device).masked_fill_(~col_valid[:, None, None], -math.inf)
+        if mask is not None:
+            col_mask = col_mask + _take(mask, cols, 3)
+        col_mask = _grouped(col_mask, Hk)
+        s_old = (qg @ k_old.unsqueeze(2).transpose(-2, -1)) * scale + col_mask
+        s_new = (qg @ k_new.unsqueeze(2).transpose(-2, -1)) * scale + col_mask
+        lse0 = lse_cache.unflatten(1, (Hk, g))
+        c0 = ctx_cache.unflatten(1, (Hk, g))
+        m = torch.maximum(lse0, torch.maximum(s_old.amax(-1), s_new.amax(-1)))
+        w_old = torch.exp(s_old - m.unsqueeze(-1))
+        w_new = torch.exp(s_new - m.unsqueeze(-1))
+        base = torch.exp(lse0 - m)
+        rest = base - w_old.sum(-1)
+        den = rest + w_new.sum(-1)
+        ctx = (c0 * base.unsqueeze(-1) - w_old @ v_old.unsqueeze(2) + w_new @ v_new.unsqueeze(2)) / den.unsqueeze(-1)
+        cancelled = (rest < CANCELLATION_FLOOR * base).flatten(1, 2).any(1) & incremental
+        exact = exact | cancelled
+        incremental = incremental & ~cancelled
+        keep = incremental[:, None, :]
+        ctx_cache.copy_(torch.where(keep[..., None], ctx.flatten(1, 2), ctx_cache))
+        lse_cache.copy_(torch.where(keep, (m + torch.log(den)).flatten(1, 2), lse_cache))
+
+    if bool(exact.any()):
+        rows, row_valid = _select(exact)
+        s = _grouped(_take(q.to(torch.float32), rows, 2), Hk) @ k_cache.to(torch.float32).unsqueeze(2).transpose(-2, -1)
+        s = s * scale
+        if mask is not None:
+            s = s + _grouped(_take(mask, rows, 2), Hk)
+        lse = torch.logsumexp(s, dim=-1)
+        ctx = torch.exp(s - lse.unsqueeze(-1)) @ v_cache.to(torch.float32).unsqueeze(2)
+        _write_rows(ctx_cache, rows, row_valid, ctx.flatten(1, 2))
+        _write_rows(lse_cache.unsqueeze(-1), rows, row_valid, lse.flatten(1, 2).unsqueeze(-1))
+
+    if is_dense:
         salient = torch.ones(B, L, dtype=torch.bool, device=q.device)
     else:
-        new, old = ctx_cache.transpose(1, 2).flatten(2), old_ctx.transpose(1, 2).flatten(2)
-        if tau >= 1.0:
-            moved = (new != old).any(-1)
-        else:
-            cos = (new * old).sum(-1) / (new.norm(dim=-1) * old.norm(dim=-1)).clamp_min(1e-30)
-            moved = cos < tau
-        salient = (moved | always_rows) & query_rows
-    stats[layer, 0] = salient.sum()
-    stats[layer, 1:] = counts.to(stats.device)
+        salient = _saliency(ctx_cache, old_ctx, query_rows, always_rows, tau)
+    stats[layer] = torch.stack([salient.sum(), exact.sum(), incremental.sum(),
+                                query_rows.sum() if not is_dense else torch.tensor(B * L)]).to(stats.device)
     return ctx_cache.to(dtype=q.dtype, copy=True), salient
 
 
@@ -127,14 +183,14 @@ def delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_ro
 def delta_attention(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], kv_rows: Optional[Tensor],
     query_rows: Tensor, always_rows: Tensor, dense: Tensor, k_cache: Tensor, v_cache: Tensor, ctx_cache: Tensor,
-    lse_cache: Tensor, stats: Tensor, layer: int, scale: float, tau: float,
+    lse_cache: Tensor, stats: Tensor, layer: int, scale: float, tau: float, exact_below: int,
 ) -> tuple[Tensor, Tensor]:
     return delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache,
-                                     ctx_cache, lse_cache, stats, layer, scale, tau)
+                                     ctx_cache, lse_cache, stats, layer, scale, tau, exact_below)
 
 
 @delta_attention.register_fake
 def _(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache, ctx_cache, lse_cache, stats,
-      layer, scale, tau):
+      layer, scale, tau, exact_below):
     B, H, L, D = q.shape
     return q.new_empty(B, H, L, D), q.new_empty(B, L, dtype=torch.bool)

@@ -10,6 +10,9 @@ from .row_layout import gather_rows, scatter_rows_
 
 
 def row_update_reference(cache, new, rows, batch_axis, token_axis):
+    if bool(rows.all()):
+        cache.copy_(new)
+        return
     scatter_rows_(cache, rows, gather_rows(new, rows, batch_axis, token_axis).to(cache.dtype), batch_axis, token_axis)
 
 

@@ -1,7 +1,8 @@
 """`dyllm::sparse_rows_linear`: a linear layer computed only on the selected rows.
 
 `y[r] = x[r] @ weight.T + bias` for the rows `r` set in the bool `[B, L]` mask `rows`; the other rows of
-`y` are zero (the rewrite only lets them reach ops that read the selected rows, or a cache write).
+`y` are left uninitialised: the rewrite only lets them reach row-wise ops, linears that read the
+selected rows, and cache writes of the selected rows.
 """
 from typing import Optional
 
@@ -13,7 +14,9 @@ from .row_layout import gather_rows, scatter_rows_
 
 
 def sparse_rows_linear_reference(x, weight, bias, rows, batch_axis, token_axis):
-    out = x.new_zeros(*x.shape[:-1], weight.shape[0])
+    if bool(rows.all()):
+        return F.linear(x, weight, bias)
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
     selected = gather_rows(x, rows, batch_axis, token_axis)
     scatter_rows_(out, rows, F.linear(selected, weight, bias), batch_axis, token_axis)
     return out

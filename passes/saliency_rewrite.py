@@ -41,9 +41,9 @@ class RewriteResult:
 
 class SaliencyRewrite:
     def __init__(self, gm: fx.GraphModule, analysis: TokenAxisAnalysis, sites: list[AttentionSite],
-                 linears: list[LinearSite], tau: float):
+                 linears: list[LinearSite], tau: float, exact_below: int):
         self.gm, self.graph, self.analysis = gm, gm.graph, analysis
-        self.sites, self.tau = [s for s in sites if s.supported], tau
+        self.sites, self.tau, self.exact_below = [s for s in sites if s.supported], tau, exact_below
         self.gated = {l.node: l.region for l in linears if l.region is not None}
         self.result = RewriteResult()
         self.partial: dict[fx.Node, int] = {}
@@ -140,7 +140,7 @@ class SaliencyRewrite:
             delta = self.graph.call_function(
                 ops.delta_attention.default,
                 (q, k, v, site.mask, kv_rows, self.query_rows, self.rows[-1], self.dense, *caches, self.stats, i,
-                 site.scale, self.tau))
+                 site.scale, self.tau, self.exact_below))
             out = self.graph.call_function(operator.getitem, (delta, 0))
             rows = self.graph.call_function(operator.getitem, (delta, 1))
         out.meta["example_value"] = tensor_meta(site.output)
