@@ -1,0 +1,256 @@
+"""The dyllm backend: exact at tau=1.0 over denoising trajectories, sparse below, state rules, options."""
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import dyllm_fx
+from dyllm_fx import kernels
+from dyllm_fx.models import dream_like, llada_like, tiny_dllm
+
+FAST = dict(lowering="eager", dense_steps=1)
+
+
+def logits_of(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def build(kind, layers, heads, gqa, head_dim, seed):
+    if kind == "llada":
+        return llada_like(hidden_size=heads * head_dim, num_layers=layers, num_heads=heads, head_dim=head_dim,
+                          vocab_size=97, seed=seed)
+    if kind == "dream":
+        return dream_like(hidden_size=heads * gqa * head_dim, num_layers=layers, num_kv_heads=heads,
+                          gqa_ratio=gqa, head_dim=head_dim, vocab_size=97, seed=seed)
+    return tiny_dllm(vocab_size=97, dim=heads * head_dim, n_layers=layers, n_heads=heads)
+
+
+def trajectory(draw, batch, length, mask_id):
+    """A denoising trajectory: prompt + masks, 1-4 tokens committed per step, sometimes a new sequence."""
+    prompt = draw(st.integers(1, length - 2))
+    ids = torch.full((batch, length), mask_id)
+    ids[:, :prompt] = torch.randint(0, mask_id - 1, (batch, prompt))
+    steps = [ids.clone()]
+    for _ in range(draw(st.integers(2, 5))):
+        if draw(st.integers(0, 5)) == 0:
+            ids = torch.randint(0, mask_id - 1, (batch, length))
+            ids[:, prompt:] = mask_id
+        else:
+            for b in range(batch):
+                masked = (ids[b] == mask_id).nonzero().squeeze(1)
+                if len(masked):
+                    pick = masked[torch.randperm(len(masked))[: draw(st.integers(1, 4))]]
+                    ids[b, pick] = torch.randint(0, mask_id - 1, (len(pick),))
+        steps.append(ids.clone())
+    return steps
+
+
+def run_both(model, compiled, steps, atol=1e-4):
+    with torch.no_grad():
+        for ids in steps:
+            ref, out = logits_of(model(ids)), logits_of(compiled(ids))
+            assert (ref - out).abs().max().item() <= atol
+            assert torch.equal(ref.argmax(-1), out.argmax(-1))
+
+
+@settings(max_examples=14, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_tau_one_reproduces_eager_over_trajectories(data):
+    draw = data.draw
+    torch._dynamo.reset()
+    kind = draw(st.sampled_from(["llada", "dream", "tiny"]))
+    model = build(kind, draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3)),
+                  draw(st.sampled_from([4, 6, 8])), draw(st.integers(0, 9)))
+    options = dict(FAST, tau=1.0, policy=draw(st.sampled_from(["paper", "full"])),
+                   exact_attention_below=draw(st.sampled_from([0, 256])))
+    compiled = torch.compile(model, backend=dyllm_fx.backend(**options), dynamic=False)
+    steps = trajectory(draw, draw(st.integers(1, 3)), draw(st.integers(6, 14)), model.config.mask_token_id)
+    run_both(model, compiled, steps)
+    (g,) = dyllm_fx.stats(model)
+    assert g.sparse_steps >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,policy", [("llada", "full"), ("tiny", "paper")])
+def test_tau_one_reproduces_eager_under_inductor(kind, policy):
+    torch._dynamo.reset()
+    model = build(kind, 2, 2, 2, 8, 0)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=1.0, policy=policy, dense_steps=1,
+                                                             exact_attention_below=0), dynamic=False)
+    mask_id = model.config.mask_token_id
+    ids = torch.full((2, 10), mask_id)
+    ids[:, :3] = torch.arange(6).view(2, 3)
+    steps = [ids.clone()]
+    for pos in range(3, 7):
+        ids[:, pos] = pos
+        steps.append(ids.clone())
+    run_both(model, compiled, steps)
+
+
+def _decode_steps(model, compiled, length=24, batch=2, n=10):
+    mask_id = model.config.mask_token_id
+    torch.manual_seed(0)
+    ids = torch.full((batch, length), mask_id)
+    ids[:, :6] = torch.randint(0, mask_id - 1, (batch, 6))
+    with torch.no_grad():
+        for pos in range(6, 6 + n):
+            compiled(ids)
+            ids = ids.clone()
+            ids[:, pos] = torch.randint(0, mask_id - 1, (batch,))
+
+
+@pytest.mark.parametrize("policy", ["paper", "full"])
+def test_below_one_the_graph_is_sparse(policy, monkeypatch):
+    torch._dynamo.reset()
+    seen = []
+    reference = kernels.sparse_rows_linear.__module__
+    import importlib
+    mod = importlib.import_module(reference)
+    original = mod.sparse_rows_linear_reference
+
+    def counting(x, weight, bias, rows, batch_axis, token_axis):
+        seen.append((int(rows.sum()), rows.numel()))
+        return original(x, weight, bias, rows, batch_axis, token_axis)
+
+    monkeypatch.setattr(mod, "sparse_rows_linear_reference", counting)
+    model = llada_like(num_layers=2, hidden_size=32, num_heads=4, vocab_size=97)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, policy=policy, lowering="eager"), dynamic=False)
+    _decode_steps(model, compiled)
+    (g,) = dyllm_fx.stats(model)
+    assert g.dense_steps == 4 and g.sparse_steps == 6
+    assert (g.salient[~g.dense_mask] < 1).all()
+    assert g.mean_salient_fraction < 1
+    assert any(n < total for n, total in seen), "sparse_rows_linear never ran on fewer rows than the sequence"
+    assert g.ideal_speedup > 1
+
+
+def test_no_recompilation_across_generate():
+    from dyllm_fx.generate import generate
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = llada_like(num_layers=1, hidden_size=32, num_heads=2, vocab_size=97)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, lowering="eager"), dynamic=False)
+    prompt = torch.randint(0, 90, (2, 5))
+    generate(compiled, prompt, gen_length=8, steps=8, block_length=4, mask_id=model.config.mask_token_id)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert frames == 1
+    (g,) = dyllm_fx.stats(model)
+    assert g.dense_steps + g.sparse_steps == 8
+
+
+def test_new_sequence_rules():
+    torch._dynamo.reset()
+    model = llada_like(num_layers=1, hidden_size=32, num_heads=2, vocab_size=97)
+    mask_id = model.config.mask_token_id
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, lowering="eager", dense_steps=1, mask_id=mask_id),
+                             dynamic=False)
+    ids = torch.full((1, 8), mask_id)
+    ids[0, :3] = torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        compiled(ids)
+        ids[0, 3] = 5  # a mask row committed: same sequence
+        compiled(ids)
+        ids[0, 0] = 7  # a prompt row changed: new sequence
+        compiled(ids)
+        ids[0, 4] = 6
+        compiled(ids)
+        dyllm_fx.reset(compiled)
+        compiled(ids)
+    (g,) = dyllm_fx.stats(model)
+    assert g.dense_mask.tolist() == [True, False, True, False, True]
+
+
+def test_other_input_change_starts_new_sequence():
+    torch._dynamo.reset()
+    model = tiny_dllm(vocab_size=50, dim=16, n_layers=1, n_heads=2)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(lowering="eager", dense_steps=1), dynamic=False)
+    ids = torch.randint(0, 40, (1, 6))
+    mask = torch.zeros(1, 1, 6, 6)
+    with torch.no_grad():
+        compiled(ids, attention_mask=mask)
+        compiled(ids, attention_mask=mask)
+        mask2 = mask.clone()
+        mask2[..., 0] = torch.finfo(torch.float32).min
+        compiled(ids, attention_mask=mask2)
+    (g,) = dyllm_fx.stats(model)
+    assert g.dense_mask.tolist() == [True, False, True]
+
+
+def test_two_compiled_models_do_not_share_state():
+    torch._dynamo.reset()
+    a = llada_like(num_layers=1, hidden_size=32, num_heads=2, vocab_size=97, seed=0)
+    b = llada_like(num_layers=1, hidden_size=32, num_heads=2, vocab_size=97, seed=1)
+    ca = torch.compile(a, backend=dyllm_fx.backend(lowering="eager", tau=1.0, dense_steps=1), dynamic=False)
+    cb = torch.compile(b, backend=dyllm_fx.backend(lowering="eager", tau=1.0, dense_steps=1), dynamic=False)
+    ids = torch.randint(0, 90, (1, 8))
+    run_both(a, ca, [ids])
+    run_both(b, cb, [ids, ids])
+    run_both(a, ca, [ids])
+    assert len(dyllm_fx.stats(a)[0].dense_mask) == 2 and len(dyllm_fx.stats(b)[0].dense_mask) == 2
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"tua": 0.9}, "unknown dyllm option"),
+    ({"tau": 0.0}, "tau"),
+    ({"tau": 1.5}, "tau"),
+    ({"policy": "fast"}, "policy"),
+    ({"lowering": "cuda"}, "lowering"),
+    ({"dense_steps": 0}, "dense_steps"),
+    ({"mask_id": -1}, "mask_id"),
+])
+def test_option_validation(options, match):
+    with pytest.raises(ValueError, match=match):
+        dyllm_fx.backend(**options)
+
+
+def test_unknown_option_lists_valid_ones():
+    with pytest.raises(ValueError, match="tau.*dense_steps.*policy.*lowering.*mask_id.*prompt_period"):
+        dyllm_fx.Options.from_dict({"taux": 1})
+
+
+class NoAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.fc = torch.nn.Linear(8, 20)
+
+    def forward(self, ids):
+        return self.fc(torch.relu(self.emb(ids)))
+
+
+def test_model_without_attention_runs_unchanged_with_one_warning():
+    torch._dynamo.reset()
+    model = NoAttention().eval()
+    compiled = torch.compile(model, backend=dyllm_fx.backend(lowering="eager"), dynamic=False)
+    ids = torch.randint(0, 20, (2, 5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            out = compiled(ids)
+            compiled(ids)
+    dyllm_warnings = [w for w in caught if "dyllm" in str(w.message)]
+    assert len(dyllm_warnings) == 1 and "no attention" in str(dyllm_warnings[0].message)
+    assert torch.allclose(out, model(ids))
+
+
+def test_entry_point_registers_backend():
+    assert "dyllm" in torch._dynamo.list_backends()
+    torch._dynamo.reset()
+    model = llada_like(num_layers=1, hidden_size=32, num_heads=2, vocab_size=97)
+    compiled = torch.compile(model, backend="dyllm", options={"tau": 1.0, "lowering": "eager"}, dynamic=False)
+    ids = torch.randint(0, 90, (1, 6))
+    run_both(model, compiled, [ids])
+    assert len(dyllm_fx.stats(model)) == 1
+
+
+def test_grad_mode_runs_original_graph():
+    torch._dynamo.reset()
+    model = llada_like(num_layers=1, hidden_size=32, num_heads=2, vocab_size=97)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(lowering="eager"), dynamic=False)
+    ids = torch.randint(0, 90, (1, 6))
+    with pytest.warns(UserWarning, match="gradients are enabled"):
+        out = logits_of(compiled(ids))
+    out.sum().backward()
+    assert model.lm_head.weight.grad is not None
