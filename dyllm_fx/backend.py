@@ -51,6 +51,19 @@ def _token_input(placeholders, example_inputs) -> Optional[int]:
     return None
 
 
+def _graph_break() -> tuple[Optional[str], bool]:
+    """(why this graph ends at a graph break, whether it resumes after one), from Dynamo's tracer."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        reason = tx.output.compile_subgraph_reason
+        ends = reason.reason.strip().splitlines()[0] if reason is not None and reason.graph_break else None
+        return ends, tx.f_code.co_name.startswith("torch_dynamo_resume_in_")
+    except Exception:  # private API: no tracer, no verdict
+        return None, False
+
+
 class CompiledGraph:
     """One graph compiled by the dyllm backend: the rewritten callable, its state and its report."""
 
@@ -73,13 +86,19 @@ class CompiledGraph:
         patches = torch._inductor.list_mode_options(self.mode) if self.mode else None
         return compile_fx(gm, example_inputs, config_patches=patches)
 
-    def _fallback(self, gm, example_inputs, why: str):
+    def _fallback(self, gm, example_inputs, why: str, warn: bool = True):
         self.report.fallback = why
-        warnings.warn(f"dyllm: running the model unchanged: {why}", stacklevel=2)
+        if warn:
+            warnings.warn(f"dyllm: running the model unchanged: {why}", stacklevel=2)
         return self._lower(gm, example_inputs)
 
     def _build(self, gm, example_inputs):
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        ends_at_break, resumes = _graph_break()
+        if ends_at_break or resumes:
+            return self._fallback(gm, example_inputs, "the model has a graph break" + (
+                f" ({ends_at_break})" if ends_at_break else "") + "; the backend needs the whole model in one graph: "
+                "remove the break (find it with TORCH_LOGS=graph_breaks or torch._dynamo.explain)", warn=not resumes)
         if any(not isinstance(e, torch.Tensor) for e in example_inputs) or any(
             isinstance(s, torch.SymInt) for e in example_inputs if isinstance(e, torch.Tensor) for s in e.shape
         ):

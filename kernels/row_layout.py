@@ -19,11 +19,24 @@ def _index(rows: Tensor, batch_axis: int, token_axis: int):
     return tuple(rows.nonzero().unbind(1))
 
 
+def _leading_rows(t: Tensor, batch_axis: int, token_axis: int) -> bool:
+    """Rows are the leading `B * L` elements of a contiguous tensor: a flat `[B * L, rest]` view exists."""
+    leading = token_axis == 0 and batch_axis in (0, -1) or (batch_axis, token_axis) == (0, 1)
+    return leading and t.is_contiguous()
+
+
 def gather_rows(t: Tensor, rows: Tensor, batch_axis: int, token_axis: int) -> Tensor:
     """The selected rows of `t` as `[n, *other axes]`."""
+    if _leading_rows(t, batch_axis, token_axis):
+        flat = t.view(rows.numel(), *t.shape[token_axis + 1:])
+        return flat.index_select(0, rows.view(-1).nonzero().squeeze(1))
     return _rows_view(t, batch_axis, token_axis)[_index(rows, batch_axis, token_axis)]
 
 
 def scatter_rows_(t: Tensor, rows: Tensor, values: Tensor, batch_axis: int, token_axis: int) -> None:
     """Writes `values` (`[n, *other axes]`, as from `gather_rows`) into the selected rows of `t`."""
+    if _leading_rows(t, batch_axis, token_axis):
+        flat = t.view(rows.numel(), *t.shape[token_axis + 1:])
+        flat.index_copy_(0, rows.view(-1).nonzero().squeeze(1), values)
+        return
     _rows_view(t, batch_axis, token_axis)[_index(rows, batch_axis, token_axis)] = values

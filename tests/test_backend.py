@@ -254,3 +254,30 @@ def test_grad_mode_runs_original_graph():
         out = logits_of(compiled(ids))
     out.sum().backward()
     assert model.lm_head.weight.grad is not None
+
+
+class WithGraphBreak(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.qkv = torch.nn.Linear(8, 24)
+
+    def forward(self, ids):
+        q, k, v = self.qkv(self.emb(ids)).unsqueeze(1).chunk(3, dim=-1)
+        h = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        torch._dynamo.graph_break()
+        return h.squeeze(1) @ self.emb.weight.T
+
+
+def test_graph_break_runs_unchanged_with_one_warning():
+    torch._dynamo.reset()
+    model = WithGraphBreak().eval()
+    compiled = torch.compile(model, backend=dyllm_fx.backend(lowering="eager"), dynamic=False)
+    ids = torch.randint(0, 20, (2, 5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            out = compiled(ids)
+    dyllm_warnings = [w for w in caught if "dyllm" in str(w.message)]
+    assert len(dyllm_warnings) == 1 and "graph break" in str(dyllm_warnings[0].message)
+    assert torch.allclose(out, model(ids), atol=1e-6)
