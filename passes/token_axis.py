@@ -62,6 +62,21 @@ VIEWS = {"view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze", "vie
 IDENTITY_DROPOUT = {"dropout", "dropout1d", "dropout2d", "feature_alpha_dropout", "alpha_dropout"}
 
 
+# Ops that read only the shape, dtype or device of these positional arguments (`arange(L).expand_as(ids)`,
+# `torch.zeros_like(ids)`): their outputs do not depend on token values.
+SHAPE_ONLY_ARGS = {
+    "expand_as": (1,), "view_as": (1,), "reshape_as": (1,), "type_as": (1,), "zeros_like": (0,), "ones_like": (0,),
+    "empty_like": (0,), "full_like": (0,), "new_zeros": (0,), "new_ones": (0,), "new_empty": (0,), "new_full": (0,),
+    "new_tensor": (0,), "size": (0,), "dim": (0,),
+}
+
+
+def _reads_shape_only(node: fx.Node, arg: fx.Node) -> bool:
+    positions = SHAPE_ONLY_ARGS.get(op_name(node), ())
+    return bool(positions) and all(i in positions for i, a in enumerate(node.args) if a is arg) and \
+        arg not in node.kwargs.values()
+
+
 def _prod(xs):
     return math.prod(int(x) for x in xs)
 
@@ -82,7 +97,7 @@ class TokenAxisAnalysis:
         for node in gm.graph.nodes:
             if node is token_input or node.op in ("placeholder", "get_attr", "output"):
                 continue
-            inputs = [a for a in node.all_input_nodes if a in self.varying]
+            inputs = [a for a in node.all_input_nodes if a in self.varying and not _reads_shape_only(node, a)]
             if not inputs:
                 continue
             self.varying.add(node)
@@ -322,7 +337,8 @@ class TokenAxisAnalysis:
         if result is None:
             return None
         if dim in (result.token, result.batch):
-            others = [x for x in tensors if x not in self.varying]
-            if any(int(tensor_meta(x).shape[dim]) != 0 for x in others) or len(tensors) - len(others) != 1:
+            # empty 1-D operands (an empty KV cache: `cat([tensor([]), k])`) are skipped by cat
+            others = [x for x in tensors if x not in self.varying and tensor_meta(x).numel() != 0]
+            if others or sum(x in self.varying for x in tensors) != 1:
                 return None
         return result
