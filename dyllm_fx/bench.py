@@ -1,0 +1,286 @@
+"""`python -m dyllm_fx.bench` (`dyllm-bench`): the same decode under eager, Inductor and the dyllm backend,
+one table of speed and fidelity.
+
+    python -m dyllm_fx.bench --modes eager inductor dyllm --tau 0.99 0.95 --json results/bench.json
+"""
+import argparse
+import copy
+import gc
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dyllm_fx.generate import REMASKING, check_decoding_arguments, generate, teacher_forced_agreement
+
+MODES = ("eager", "inductor", "dyllm")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COLUMNS = ("mode", "tokens/s", "ms/step", "forward calls", "compile s", "speedup vs inductor",
+           "token agreement", "teacher-forced top-1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's options."""
+    from dyllm_fx.models import MODELS
+    from dyllm_fx.prompts import SOURCES
+
+    p = argparse.ArgumentParser(prog="dyllm-bench", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2_dream", choices=list(MODELS))
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--prompts", default="gsm8k", choices=SOURCES)
+    p.add_argument("--max-prompt-tokens", type=int, default=64)
+    p.add_argument("--gen-length", type=int, default=64)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--tau", nargs="+", type=float, default=[0.99], help="dyllm saliency thresholds, one mode each")
+    p.add_argument("--policy", nargs="+", default=["paper"], help="dyllm policies, one mode each")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--repeats", type=int, default=1, help="timed decodes per mode after the warm-up; best is kept")
+    p.add_argument("--remasking", default="low_confidence", choices=REMASKING)
+    p.add_argument("--confidence-threshold", type=float, default=None, help="Fast-dLLM parallel decoding")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results, config and machine here")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Parsed and checked options; exits with status 2 and a message naming the fix on bad ones."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("batch", "max_prompt_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        check_decoding_arguments(args.gen_length, args.steps, args.block_length, remasking=args.remasking,
+                                 confidence_threshold=args.confidence_threshold)
+    except ValueError as bad:
+        parser.error(str(bad).replace("gen_length", "--gen-length").replace("block_length", "--block-length")
+                     .replace("steps (", "--steps (").replace("confidence_threshold", "--confidence-threshold"))
+    if bad_tau := [t for t in args.tau if not 0 < t <= 1]:
+        parser.error(f"--tau values must lie in (0, 1], got {bad_tau}")
+    try:
+        from dyllm_fx.options import POLICIES
+    except ImportError:
+        POLICIES = None
+    if POLICIES is not None and (bad_policy := [p for p in args.policy if p not in POLICIES]):
+        parser.error(f"--policy {bad_policy} unknown; valid: {', '.join(POLICIES)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA device; use --device cpu")
+    return args
+
+
+def machine_info(device: str) -> dict:
+    """CPU model, cores, library versions, and the GPU when running on CUDA."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+
+    def version(package):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": version("transformers"), "triton": version("triton")}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _dyllm_extras(model) -> dict[str, str]:
+    """Extra table columns for a dyllm-compiled model, from `dyllm_fx.stats`; {} when unavailable."""
+    try:
+        from dyllm_fx import stats
+
+        graphs = stats(model)
+        if not graphs:
+            return {}
+        return {"salient fraction": f"{sum(g.mean_salient_fraction for g in graphs) / len(graphs):.3f}",
+                "ideal speedup": f"{graphs[0].ideal_speedup:.2f}x"}
+    except Exception:
+        return {}
+
+
+def _modes(args) -> tuple[list[tuple[str, Optional[dict]]], list[str]]:
+    """[(label, dyllm options or None)] in run order, and notes on skipped modes."""
+    modes, notes = [], []
+    for mode in dict.fromkeys(args.modes):
+        if mode != "dyllm":
+            modes.append((mode, None))
+            continue
+        try:
+            from dyllm_fx import backend  # noqa: F401
+        except ImportError as missing:
+            notes.append(f"dyllm modes skipped: dyllm_fx.backend is not importable ({missing})")
+            continue
+        modes += [(f"dyllm tau={tau:g} {policy}", {"tau": tau, "policy": policy})
+                  for tau in dict.fromkeys(args.tau) for policy in dict.fromkeys(args.policy)]
+    return modes, notes
+
+
+def _compiled(model, mode: str, dyllm_options: Optional[dict]):
+    if mode == "eager":
+        return model
+    if dyllm_options is None:
+        return torch.compile(model)
+    import dyllm_fx
+
+    return torch.compile(model, backend=dyllm_fx.backend(**dyllm_options))
+
+
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed_decode(model, input_ids, gen_kwargs, args) -> tuple[float, "object"]:
+    torch.manual_seed(args.seed)
+    _sync(args.device)
+    start = time.perf_counter()
+    out = generate(model, input_ids, **gen_kwargs)
+    _sync(args.device)
+    return time.perf_counter() - start, out
+
+
+def run_mode(base_model, mode: str, dyllm_options: Optional[dict], input_ids, gen_kwargs: dict, args,
+             reference=None) -> tuple[dict, "object"]:
+    """Warm-up plus args.repeats timed decodes of a fresh copy of base_model; (result row, last output).
+
+    reference: the eager decode, for token agreement and teacher-forced agreement (None for eager itself)."""
+    torch._dynamo.reset()
+    model = _compiled(copy.deepcopy(base_model), mode, dyllm_options)
+    warmup_s, out = _timed_decode(model, input_ids, gen_kwargs, args)
+    steady_s = math.inf
+    for _ in range(args.repeats):
+        seconds, out = _timed_decode(model, input_ids, gen_kwargs, args)
+        steady_s = min(steady_s, seconds)
+    row = {"mode": mode, "dyllm_options": dyllm_options, "warmup_s": warmup_s, "steady_s": steady_s,
+           "compile_s": max(warmup_s - steady_s, 0.0), "forward_calls": out.forward_calls,
+           "tokens_per_s": out.num_generated_tokens / steady_s, "ms_per_step": 1000 * steady_s / out.forward_calls,
+           "token_agreement": None, "teacher_forced_agreement": None, "extras": {}}
+    if dyllm_options is not None:
+        row["extras"] = _dyllm_extras(model)
+    if reference is None:
+        row["token_agreement"] = 1.0
+    else:
+        row["token_agreement"] = (out.generated == reference.generated).double().mean().item()
+        row["teacher_forced_agreement"] = teacher_forced_agreement(
+            model, reference, mask_id=gen_kwargs["mask_id"], shift_logits=gen_kwargs["shift_logits"],
+            attention_mask=gen_kwargs["attention_mask"])
+    del model
+    gc.collect()
+    return row, out
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table with aligned columns, one line per mode."""
+    inductor = next((r for r in rows if r["mode"] == "inductor"), None)
+    extra_columns = list(dict.fromkeys(k for r in rows for k in r["extras"]))
+
+    def share(value):
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    cells = [list(COLUMNS) + extra_columns]
+    for r in rows:
+        speedup = "-" if inductor is None else f"{inductor['steady_s'] / r['steady_s']:.2f}x"
+        cells.append([r["mode"], f"{r['tokens_per_s']:.1f}", f"{r['ms_per_step']:.1f}", str(r["forward_calls"]),
+                      f"{r['compile_s']:.1f}", speedup, share(r["token_agreement"]),
+                      share(r["teacher_forced_agreement"])] + [r["extras"].get(k, "-") for k in extra_columns])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+
+    def line(row, align=str.rjust):
+        return "| " + " | ".join(align(c, w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |"
+
+    rule = "|" + "|".join(":" + "-" * (w + 1) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
+
+
+def _prompts(args, model):
+    from dyllm_fx.models import smollm2_tokenizer
+    from dyllm_fx.prompts import encode_prompts, load_prompts
+
+    tokenizers = {"smollm2_dream": smollm2_tokenizer}
+    texts = load_prompts(args.prompts, args.batch)
+    tokenizer = tokenizers[args.model]() if args.model in tokenizers else None
+    if tokenizer is not None:
+        ids, mask = encode_prompts(texts, tokenizer, max_prompt_tokens=args.max_prompt_tokens)
+    else:
+        ids, mask = encode_prompts(texts, vocab_size=model.config.vocab_size, max_prompt_tokens=args.max_prompt_tokens,
+                                   seed=args.seed)
+    return ids, mask, tokenizer
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Runs the benchmark and prints command, machine, config and the results table."""
+    from tqdm.auto import tqdm
+
+    from dyllm_fx.models import get_model
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    command = shlex.join(["python", "-m", "dyllm_fx.bench"] + argv)
+    machine = machine_info(args.device)
+    modes, notes = _modes(args)
+
+    base_model = get_model(args.model, dtype=DTYPES[args.dtype]).to(args.device)
+    input_ids, attention_mask, tokenizer = _prompts(args, base_model)
+    input_ids, attention_mask = input_ids.to(args.device), attention_mask.to(args.device)
+    gen_kwargs = dict(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
+                      mask_id=base_model.config.mask_token_id, shift_logits=bool(base_model.config.shift_logits),
+                      remasking=args.remasking, confidence_threshold=args.confidence_threshold,
+                      attention_mask=attention_mask, progress=True)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config.update(prompt_tokens=int(input_ids.shape[1]), sequence_length=int(input_ids.shape[1]) + args.gen_length,
+                  mask_id=gen_kwargs["mask_id"], shift_logits=gen_kwargs["shift_logits"])
+
+    print(f"$ {command}")
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+    print("config: " + ", ".join(f"{k}={v}" for k, v in config.items() if k != "json"))
+    for note in notes:
+        print(note)
+    sys.stdout.flush()
+
+    rows, reference = [], None
+    with tqdm(total=len(modes) + ("eager" not in args.modes), desc="modes", unit="mode") as bar:
+        if "eager" not in args.modes:
+            bar.set_postfix_str("eager reference")
+            _, reference = _timed_decode(base_model, input_ids, gen_kwargs, args)
+            bar.update(1)
+        for mode, dyllm_options in modes:
+            bar.set_postfix_str(mode)
+            row, out = run_mode(base_model, mode, dyllm_options, input_ids, gen_kwargs, args,
+                                reference=None if mode == "eager" else reference)
+            if mode == "eager":
+                reference = out
+            rows.append(row)
+            bar.update(1)
+    torch._dynamo.reset()
+
+    table = format_table(rows)
+    print(table)
+    if args.json is not None:
+        samples = tokenizer.batch_decode(reference.generated) if tokenizer is not None and reference else None
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": command, "machine": machine, "config": config, "notes": notes,
+                                         "results": rows, "table": table, "eager_samples": samples}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""One decoding loop for masked-diffusion LMs: LLaDA (semi-autoregressive blocks, low-confidence
+remasking), Dream (shifted logits, entropy / margin confidence) and Fast-dLLM (confidence-threshold
+parallel decoding).
+
+    out = generate(model, input_ids, gen_length=128, steps=128, block_length=32)
+    out.generated                     # [B, gen_length]
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+REMASKING = ("low_confidence", "random", "entropy", "margin")
+
+
+@dataclass
+class StepRecord:
+    """One denoising step: what the model saw, what it predicted, what was committed."""
+
+    block: int
+    step: int  # step index within the block
+    inputs: torch.LongTensor  # [B, L] x before this step's commit
+    argmax: torch.LongTensor  # [B, L] noise-free argmax of the (shifted) logits
+    committed: torch.BoolTensor  # [B, L] positions changed by this step (EOS fill included)
+    num_committed: list[int]  # per sequence
+
+
+@dataclass
+class GenerateOutput:
+    """Decoded tokens (prompt + generation), every step's record, and the number of model calls."""
+
+    tokens: torch.LongTensor  # [B, P + gen_length]
+    records: list[StepRecord]
+    forward_calls: int
+    gen_length: int
+
+    @property
+    def generated(self) -> torch.LongTensor:
+        """The generated part, [B, gen_length]."""
+        return self.tokens[:, self.tokens.shape[1] - self.gen_length:]
+
+    @property
+    def num_generated_tokens(self) -> int:
+        """B * gen_length."""
+        return self.generated.numel()
+
+
+def transfer_schedule(block_length: int, steps: int) -> list[int]:
+    """Tokens committed at each of `steps` steps of a block (LLaDA's `get_num_transfer_tokens`):
+    block_length // steps each, the remainder spread one by one over the first steps."""
+    base, remainder = divmod(block_length, steps)
+    return [base + (i < remainder) for i in range(steps)]
+
+
+def _model_dtype(model) -> torch.dtype:
+    for tensors in ("parameters", "buffers"):
+        for t in getattr(model, tensors, lambda: ())():
+            if t.is_floating_point():
+                return t.dtype
+    return torch.float32
+
+
+def _attention_inputs(model, input_ids, attention_mask, gen_length):
+    """(mask4d [B,1,L,L] additive, position_ids [B,L]) for a padded prompt, or (None, None)."""
+    if attention_mask is None:
+        return None, None
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                         f"{tuple(input_ids.shape)}: pass the [B, P] mask of the prompt (1 = real token)")
+    B = input_ids.shape[0]
+    real = torch.cat([attention_mask.to(input_ids.device).bool(),
+                      torch.ones(B, gen_length, dtype=torch.bool, device=input_ids.device)], dim=1)
+    L = real.shape[1]
+    dtype = _model_dtype(model)
+    mask4d = torch.zeros(B, 1, L, L, dtype=dtype, device=input_ids.device)
+    mask4d.masked_fill_(~real[:, None, None, :], torch.finfo(dtype).min)
+    position_ids = (real.long().cumsum(1) - 1).clamp(min=0)
+    return mask4d, position_ids
+
+
+def _forward(model, x, mask4d, position_ids) -> torch.Tensor:
+    out = model(x) if mask4d is None else model(x, attention_mask=mask4d, position_ids=position_ids)
+    logits = out.logits if hasattr(out, "logits") else out
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != x.shape:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"the model must return logits [B, L, V] (or an object with .logits) for input "
+                         f"{tuple(x.shape)}; got {shape}")
+    return logits
+
+
+def _shift_index(length: int, shift_logits: bool, device) -> torch.Tensor:
+    """Column of the raw logits that predicts each position (i-1 when shifted, 0 for position 0)."""
+    index = torch.arange(length, device=device)
+    return (index - 1).clamp(min=0) if shift_logits else index
+
+
+def _argmax(logits, mask_id) -> torch.LongTensor:
+    """argmax over the vocabulary without the mask token (a model may rank [MASK] first)."""
+    argmax = logits.max(-1).indices  # first maximum, like argmax, and several times faster on CPU
+    is_mask = argmax == mask_id
+    if is_mask.any():
+        argmax[is_mask] = logits[is_mask].index_fill(-1, torch.tensor([mask_id], device=logits.device), -math.inf).max(-1).indices
+    return argmax
+
+
+def _resolve_mask_id(model, mask_id):
+    if mask_id is None:
+        mask_id = getattr(getattr(model, "config", None), "mask_token_id", None)
+        if mask_id is None:
+            raise ValueError("mask_id is None and the model has no config.mask_token_id: "
+                             "pass mask_id= (LLaDA: 126336, Dream: 151666)")
+    mask_id = int(mask_id)
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    _check_in_vocab(mask_id, vocab_size, "model.config.vocab_size")
+    return mask_id
+
+
+def _check_in_vocab(mask_id: int, vocab_size, source: str):
+    if vocab_size is not None and not 0 <= mask_id < vocab_size:
+        raise ValueError(f"mask_id {mask_id} is outside the vocabulary [0, {vocab_size}) ({source}): "
+                         "pass the model's [MASK] token id")
+
+
+def _confidence(block_logits, x0, remasking) -> torch.Tensor:
+    """[B, n] confidence in [0, 1] of each position's prediction; higher = more confident."""
+    if remasking == "random":
+        return torch.rand(x0.shape, device=x0.device)
+    probs = torch.softmax(block_logits.float(), dim=-1)
+    if remasking == "low_confidence":
+        return probs.gather(-1, x0[..., None]).squeeze(-1)
+    if remasking == "entropy":
+        return torch.exp(-torch.special.entr(probs).sum(-1))
+    top2 = probs.topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+def _select(confidence, candidates, num_tokens: int, threshold: Optional[float]) -> torch.BoolTensor:
+    """Positions to commit per row: the num_tokens most confident candidates, or with a threshold
+    every candidate at or above it and at least the most confident one."""
+    confidence = torch.where(candidates, confidence.nan_to_num(0.0), -math.inf)  # scores lie in [0, 1]
+    if threshold is None:
+        order = confidence.sort(dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        return (rank < num_tokens) & candidates
+    select = candidates & (confidence >= threshold)
+    best = confidence.argmax(dim=1, keepdim=True)
+    return select.scatter(1, best, select.gather(1, best) | candidates.any(dim=1, keepdim=True))
+
+
+def _finish_at_eos(generated, finished, eos_id: int, mask_id: int) -> torch.BoolTensor:
+    """Fills with eos_id the masks of unfinished rows of `generated` [B, G] (in place) whose first EOS has
+    no mask before it, marks them in `finished`; returns the filled positions."""
+    is_eos, is_mask = generated == eos_id, generated == mask_id
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), generated.shape[1])
+    before_eos = torch.arange(generated.shape[1], device=generated.device) < first_eos[:, None]
+    done = ~finished & is_eos.any(1) & ~(is_mask & before_eos).any(1)
+    fill = done[:, None] & is_mask
+    generated.masked_fill_(fill, eos_id)
+    finished |= done
+    return fill
+
+
+def check_decoding_arguments(gen_length: int, steps: int, block_length: int, *, temperature: float = 0.0,
+                             remasking: str = "low_confidence", confidence_threshold: Optional[float] = None) -> int:
+    """Raises ValueError naming the fix for arguments `generate` cannot run; returns the number of blocks."""
+    if gen_length < 1 or block_length < 1:
+        raise ValueError(f"gen_length ({gen_length}) and block_length ({block_length}) must be >= 1")
+    if gen_length % block_length:
+        raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length ({block_length}): "
+                         "change one of them")
+    num_blocks = gen_length // block_length
+    if steps < num_blocks or steps % num_blocks:
+        raise ValueError(f"steps ({steps}) must be a positive multiple of the number of blocks "
+                         f"(gen_length / block_length = {num_blocks})")
+    if steps > gen_length:
+        raise ValueError(f"steps ({steps}) exceeds gen_length ({gen_length}): some steps would commit no "
+                         "token; use steps <= gen_length")
+    if remasking not in REMASKING:
+        raise ValueError(f"unknown remasking {remasking!r}; valid: {', '.join(REMASKING)}")
+    if confidence_threshold is not None and not 0 < confidence_threshold <= 1:
+        raise ValueError(f"confidence_threshold ({confidence_threshold}) must be in (0, 1] or None "
+                         "(Fast-dLLM uses 0.9)")
+    if temperature < 0:
+        raise ValueError(f"temperature ({temperature}) must be >= 0 (0 = greedy)")
+    return num_blocks
+
+
+@torch.no_grad()
+def generate(model, input_ids, *, gen_length: int, steps: int, block_length: int, mask_id: Optional[int] = None,
+             temperature: float = 0.0, remasking: str = "low_confidence", confidence_threshold: Optional[float] = None,
+             shift_logits: bool = False, attention_mask: Optional[torch.Tensor] = None, eos_id: Optional[int] = None,
+             progress: bool = False) -> GenerateOutput:
+    """Decode gen_length tokens after the prompt by iterative unmasking.
+
+    x = prompt + gen_length [MASK]s, decoded in gen_length / block_length blocks left to right, with
+    steps / num_blocks steps per block. Each step runs the model once on the whole x, predicts x0 at
+    every position (argmax; with temperature > 0 Gumbel-max sampling in float64 from the global torch
+    RNG), scores the masked positions of the current block and commits the best ones per sequence:
+    LLaDA's schedule (block_length / steps_per_block per step, remainder on the first steps).
+
+    The mask token itself is never predicted: it is left out of the argmax and of the softmax.
+    remasking (the confidence score, higher = more confident): "low_confidence" = probability of x0,
+    "random" = uniform in [0, 1), "entropy" = exp(-entropy of the softmax) (ranks like negative entropy,
+    lies in (0, 1]), "margin" = top-1 minus top-2 probability.
+    confidence_threshold (Fast-dLLM): each step commits every candidate whose score is >= the threshold
+    and at least the best one; a block ends when it has no mask left, so a decode takes between
+    num_blocks and gen_length forward calls and `steps` is not used beyond validation.
+    shift_logits (Dream): position i is predicted by the logits at i - 1 (position 0 by its own).
+    attention_mask [B, P] (1 = real token, left padding): the model is called as
+    model(x, attention_mask=mask4d, position_ids=pos) with an additive [B, 1, L, L] mask in the model's
+    dtype that hides padded keys from every query, and positions counting real tokens only; without it,
+    model(x).
+    eos_id: a sequence whose first EOS in the generated part has no mask before it is finished: its
+    remaining masks are set to eos_id in the same step; decoding stops when every sequence is finished.
+    Sequences in a batch do not influence each other: with greedy decoding each row equals the decode of
+    its prompt alone. Runs under torch.no_grad() and leaves the model's train/eval mode alone.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError("input_ids must be an integer tensor [B, P]")
+    num_blocks = check_decoding_arguments(gen_length, steps, block_length, temperature=temperature,
+                                          remasking=remasking, confidence_threshold=confidence_threshold)
+    mask_id = _resolve_mask_id(model, mask_id)
+    if eos_id is not None and eos_id == mask_id:
+        raise ValueError(f"eos_id equals mask_id ({mask_id}): pass the model's end-of-sequence token id")
+    steps_per_block = steps // num_blocks
+    schedule = transfer_schedule(block_length, steps_per_block)
+    device = input_ids.device
+    B, P = input_ids.shape
+    mask4d, position_ids = _attention_inputs(model, input_ids, attention_mask, gen_length)
+    x = torch.cat([input_ids, torch.full((B, gen_length), mask_id, dtype=input_ids.dtype, device=device)], dim=1)
+    L = x.shape[1]
+    predictor = _shift_index(L, shift_logits, device)
+    mask_column = torch.tensor([mask_id], device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    records, forward_calls = [], 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps if confidence_threshold is None else None, desc="generate", unit="step", leave=False)
+    try:
+        for block in range(num_blocks):
+            start, end = P + block * block_length, P + (block + 1) * block_length
+            step = 0
+            while confidence_threshold is not None or step < steps_per_block:
+                candidates = x[:, start:end] == mask_id
+                if not candidates.any():
+                    break
+                logits = _forward(model, x, mask4d, position_ids)
+                if forward_calls == 0:
+                    _check_in_vocab(mask_id, logits.shape[-1], "the logits' last dimension")
+                forward_calls += 1
+                argmax = _argmax(logits, mask_id)[:, predictor]
+                block_logits = logits[:, predictor[start:end]].index_fill_(-1, mask_column, -math.inf)
+                if temperature > 0:
+                    uniform = torch.rand(block_logits.shape, dtype=torch.float64, device=device)
+                    x0 = (block_logits.double() - temperature * torch.log(-torch.log(uniform))).argmax(-1)
+                else:
+                    x0 = argmax[:, start:end]
+                confidence = _confidence(block_logits, x0, remasking)
+                num_tokens = schedule[step] if confidence_threshold is None else 1
+                select = _select(confidence, candidates, num_tokens, confidence_threshold)
+                committed = torch.zeros_like(x, dtype=torch.bool)
+                committed[:, start:end] = select
+                new_x = x.clone()
+                new_x[:, start:end] = torch.where(select, x0, x[:, start:end])
+                if eos_id is not None:
+                    committed[:, P:] |= _finish_at_eos(new_x[:, P:], finished, eos_id, mask_id)
+                records.append(StepRecord(block, step, x, argmax, committed, committed.sum(1).tolist()))
+                x = new_x
+                step += 1
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return GenerateOutput(x, records, forward_calls, gen_length)
+
+
+@torch.no_grad()
+def teacher_forced_agreement(model, output: GenerateOutput, *, mask_id: int, shift_logits: bool = False,
+                             attention_mask: Optional[torch.Tensor] = None) -> float:
+    """Share of masked generated positions, over every step of `output` (another model's decode), where
+    `model`'s argmax on the same input equals the recorded argmax. Steps are replayed in order with the
+    same mask4d / position_ids handling as `generate`; nan when the records hold no masked position."""
+    if not output.records:
+        return math.nan
+    first = output.records[0].inputs
+    P = first.shape[1] - output.gen_length
+    mask4d, position_ids = _attention_inputs(model, first[:, :P], attention_mask, output.gen_length)
+    predictor = _shift_index(first.shape[1], shift_logits, first.device)
+    agree = total = 0
+    for record in output.records:
+        argmax = _argmax(_forward(model, record.inputs, mask4d, position_ids), mask_id)[:, predictor]
+        masked = record.inputs[:, P:] == mask_id
+        agree += int((masked & (argmax[:, P:] == record.argmax[:, P:])).sum())
+        total += int(masked.sum())
+    return agree / total if total else math.nan
