@@ -142,3 +142,19 @@ def test_opcheck(name):
         args = (torch.randn(B, H, L, D), torch.randn(B, H, L, D), torch.randn(B, H, L, D), None, rows, everyone,
                 nobody, torch.tensor(False), *_state(B, H, H, L, D), 0, 0.5, 0.99, 0)
     torch.library.opcheck(getattr(ops, name), args)
+
+
+def test_top_level_kernels_folder_registers_nothing(monkeypatch):
+    """From the repository root `kernels/` is importable as `kernels` (transformers probes that name): inert."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    import dyllm_fx
+
+    monkeypatch.syspath_prepend(str(Path(dyllm_fx.__file__).resolve().parents[1]))
+    monkeypatch.delitem(sys.modules, "kernels", raising=False)
+    top_level = importlib.import_module("kernels")
+    assert top_level.__name__ == "kernels" and not hasattr(top_level, "delta_attention")
+    assert not any(name.startswith("kernels.") for name in sys.modules)
+    monkeypatch.delitem(sys.modules, "kernels")
