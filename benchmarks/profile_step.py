@@ -1,0 +1,59 @@
+"""Where the time of a sparse dyllm step goes: torch.profiler over steady-state decode steps.
+
+    python benchmarks/profile_step.py --policy full --tau 0.99 [--model smollm2_dream] [--steps 16]
+
+Decodes the benchmark's default batch (GSM8K prompts) with the dyllm backend, then profiles the
+last `--profiled` forward calls (all sparse) and prints the top ops by self CPU time.
+"""
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import dyllm_fx
+from dyllm_fx.bench import _prompts
+from dyllm_fx.generate import _attention_inputs
+from dyllm_fx.models import get_model
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2_dream")
+    p.add_argument("--policy", default="paper")
+    p.add_argument("--tau", type=float, default=0.99)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--gen-length", type=int, default=64)
+    p.add_argument("--steps", type=int, default=12, help="unprofiled steps first (dense warm-up + compile)")
+    p.add_argument("--profiled", type=int, default=4)
+    p.add_argument("--prompts", default="gsm8k")
+    p.add_argument("--max-prompt-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rows", type=int, default=20)
+    args = p.parse_args()
+
+    model = get_model(args.model)
+    ids, mask, _ = _prompts(args, model)
+    mask4d, positions = _attention_inputs(model, ids, mask, args.gen_length)
+    mask_id = model.config.mask_token_id
+    x = torch.cat([ids, torch.full((ids.shape[0], args.gen_length), mask_id)], dim=1)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=args.tau, policy=args.policy), dynamic=False)
+    P = ids.shape[1]
+
+    def step(i):
+        out = compiled(x, attention_mask=mask4d, position_ids=positions)
+        logits = out.logits if hasattr(out, "logits") else out
+        x[:, P + i] = logits[:, P + i - 1].argmax(-1)  # commit one token per sequence, left to right
+
+    with torch.no_grad():
+        for i in range(args.steps):
+            step(i)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(args.steps, args.steps + args.profiled):
+                step(i)
+    print(f"{args.model} policy={args.policy} tau={args.tau}, {args.profiled} sparse steps profiled")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    print(dyllm_fx.stats(model)[0].__class__.__name__, f"mean salient fraction {dyllm_fx.stats(model)[0].mean_salient_fraction:.3f}")
+
+
+if __name__ == "__main__":
+    main()
