@@ -21,6 +21,7 @@ def main():
     p.add_argument("--model", default="smollm2_dream")
     p.add_argument("--policy", default="paper")
     p.add_argument("--tau", type=float, default=0.99)
+    p.add_argument("--exact-attention-below", type=int, default=None)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--gen-length", type=int, default=64)
     p.add_argument("--steps", type=int, default=12, help="unprofiled steps first (dense warm-up + compile)")
@@ -36,7 +37,8 @@ def main():
     mask4d, positions = _attention_inputs(model, ids, mask, args.gen_length)
     mask_id = model.config.mask_token_id
     x = torch.cat([ids, torch.full((ids.shape[0], args.gen_length), mask_id)], dim=1)
-    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=args.tau, policy=args.policy), dynamic=False)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(
+        tau=args.tau, policy=args.policy, exact_attention_below=args.exact_attention_below), dynamic=False)
     P = ids.shape[1]
 
     def step(i):

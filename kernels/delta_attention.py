@@ -71,12 +71,13 @@ def _write_rows(cache: Tensor, index: Tensor, valid: Tensor, values: Tensor) -> 
 
 
 def _saliency(new_ctx, old_ctx, query_rows, always_rows, tau):
-    new, old = new_ctx.transpose(1, 2).flatten(2), old_ctx.transpose(1, 2).flatten(2)
+    """Per row `[B, L]`: cosine over all heads of `[B, H, L, D]` contexts, reduced in place (no transpose copy)."""
     if tau >= 1.0:
-        moved = (new != old).any(-1)
+        moved = (new_ctx != old_ctx).any(3).any(1)
     else:
-        cos = (new * old).sum(-1) / (new.norm(dim=-1) * old.norm(dim=-1)).clamp_min(1e-30)
-        moved = cos < tau
+        dot = (new_ctx * old_ctx).sum((1, 3))
+        norms = new_ctx.square().sum((1, 3)) * old_ctx.square().sum((1, 3))
+        moved = dot < tau * norms.sqrt().clamp_min(1e-30)
     return (moved | always_rows) & query_rows
 
 
@@ -89,8 +90,8 @@ def _exact_all(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_ca
         v_cache.copy_(v)
     else:
         keep = ~kv_rows[:, None, :, None]
-        k_cache.copy_(torch.where(keep, k_cache, k))
-        v_cache.copy_(torch.where(keep, v_cache, v))
+        torch.where(keep, k_cache, k, out=k_cache)  # elementwise: out may alias an input
+        torch.where(keep, v_cache, v, out=v_cache)
     ctx = torch.nn.functional.scaled_dot_product_attention(
         q, k_cache, v_cache, attn_mask=attn_mask, scale=scale, enable_gqa=k.shape[1] != H).to(torch.float32)
     if bool(dense):
@@ -98,12 +99,12 @@ def _exact_all(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_ca
         ctx_cache.copy_(ctx)
         n_query = B * L
     else:
-        new_ctx = torch.where(query_rows[:, None, :, None], ctx, ctx_cache)
-        salient = _saliency(new_ctx, ctx_cache, query_rows, always_rows, tau)
-        ctx_cache.copy_(new_ctx)
+        ctx = torch.where(query_rows[:, None, :, None], ctx, ctx_cache)
+        salient = _saliency(ctx, ctx_cache, query_rows, always_rows, tau)
+        ctx_cache.copy_(ctx)
         n_query = query_rows.sum()
     stats[layer] = torch.stack([salient.sum(), torch.as_tensor(n_query), torch.tensor(0), torch.as_tensor(n_query)]).to(stats.device)
-    return ctx_cache.to(dtype=q.dtype, copy=True), salient
+    return ctx.to(q.dtype), salient  # ctx is a fresh tensor: the output does not alias the cache
 
 
 def delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache,
