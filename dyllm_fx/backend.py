@@ -4,12 +4,15 @@
 itself at import. `backend(**options)` gives the same backend with options bound.
 """
 import copy
+import functools
 import warnings
 import weakref
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import fx, nn
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from dyllm_fx.options import Options
 from dyllm_fx.passes.attention import find_attention
@@ -64,6 +67,26 @@ def _graph_break() -> tuple[Optional[str], bool]:
         return None, False
 
 
+class SourceKey(CustomGraphPass):
+    """A post-grad pass that does nothing but key Inductor's FX-graph cache on this package's sources:
+    a cached graph compiled against other versions of our ops (fake impls, layouts) is never reused."""
+
+    def __call__(self, graph) -> None:
+        pass
+
+    def uuid(self) -> bytes:
+        return _source_hash()
+
+
+@functools.cache
+def _source_hash() -> bytes:
+    import dyllm_fx
+
+    root = Path(dyllm_fx.__file__).parent
+    folders = [root, Path(dyllm_fx.passes.__file__).parent, Path(dyllm_fx.kernels.__file__).parent]
+    return get_hash_for_files(tuple(sorted(str(f) for d in folders for f in d.glob("*.py"))))
+
+
 class CompiledGraph:
     """One graph compiled by the dyllm backend: the rewritten callable, its state and its report."""
 
@@ -83,7 +106,8 @@ class CompiledGraph:
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
 
-        patches = torch._inductor.list_mode_options(self.mode) if self.mode else None
+        patches = dict(torch._inductor.list_mode_options(self.mode)) if self.mode else {}
+        patches["post_grad_custom_post_pass"] = SourceKey()
         return compile_fx(gm, example_inputs, config_patches=patches)
 
     def _fallback(self, gm, example_inputs, why: str, warn: bool = True):

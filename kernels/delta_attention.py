@@ -70,6 +70,15 @@ def _write_rows(cache: Tensor, index: Tensor, valid: Tensor, values: Tensor) -> 
     cache[b, :, index[b, j]] = values[b, :, j]
 
 
+def _output(ctx: Tensor, dtype: torch.dtype, copy: bool) -> Tensor:
+    """The attention output `[B, H, L, D]` with SDPA's `[B, L, H, D]` memory layout (the usual
+    `transpose(1, 2).reshape(B, L, H * D)` after attention then needs no copy). `copy`: ctx is a cache."""
+    rows_first = ctx.transpose(1, 2)
+    if copy:
+        return rows_first.to(dtype, memory_format=torch.contiguous_format, copy=True).transpose(1, 2)
+    return rows_first.to(dtype).contiguous().transpose(1, 2)  # no copy when SDPA's layout and dtype already
+
+
 def _saliency(new_ctx, old_ctx, query_rows, always_rows, tau):
     """Per row `[B, L]`: cosine over all heads of `[B, H, L, D]` contexts, reduced in place (no transpose copy)."""
     if tau >= 1.0:
@@ -104,7 +113,7 @@ def _exact_all(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_ca
         ctx_cache.copy_(ctx)
         n_query = query_rows.sum()
     stats[layer] = torch.stack([salient.sum(), torch.as_tensor(n_query), torch.tensor(0), torch.as_tensor(n_query)]).to(stats.device)
-    return ctx.to(q.dtype), salient  # ctx is a fresh tensor: the output does not alias the cache
+    return _output(ctx, q.dtype, copy=False), salient
 
 
 def delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache,
@@ -175,7 +184,7 @@ def delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_ro
         salient = _saliency(ctx_cache, old_ctx, query_rows, always_rows, tau)
     stats[layer] = torch.stack([salient.sum(), exact.sum(), incremental.sum(),
                                 query_rows.sum() if not is_dense else torch.tensor(B * L)]).to(stats.device)
-    return ctx_cache.to(dtype=q.dtype, copy=True), salient
+    return _output(ctx_cache, q.dtype, copy=True), salient
 
 
 @torch.library.custom_op(
@@ -194,4 +203,4 @@ def delta_attention(
 def _(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache, ctx_cache, lse_cache, stats,
       layer, scale, tau, exact_below):
     B, H, L, D = q.shape
-    return q.new_empty(B, H, L, D), q.new_empty(B, L, dtype=torch.bool)
+    return q.new_empty(B, L, H, D).transpose(1, 2), q.new_empty(B, L, dtype=torch.bool)

@@ -72,12 +72,12 @@ def test_tau_one_reproduces_eager_over_trajectories(data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,policy", [("llada", "full"), ("tiny", "paper")])
-def test_tau_one_reproduces_eager_under_inductor(kind, policy):
+@pytest.mark.parametrize("kind,policy,exact_below", [("llada", "full", 0), ("tiny", "paper", 0), ("dream", "paper", 256)])
+def test_tau_one_reproduces_eager_under_inductor(kind, policy, exact_below):
     torch._dynamo.reset()
     model = build(kind, 2, 2, 2, 8, 0)
     compiled = torch.compile(model, backend=dyllm_fx.backend(tau=1.0, policy=policy, dense_steps=1,
-                                                             exact_attention_below=0), dynamic=False)
+                                                             exact_attention_below=exact_below), dynamic=False)
     mask_id = model.config.mask_token_id
     ids = torch.full((2, 10), mask_id)
     ids[:, :3] = torch.arange(6).view(2, 3)

@@ -141,6 +141,8 @@ def test_opcheck(name):
         everyone, nobody = torch.ones(B, L, dtype=torch.bool), torch.zeros(B, L, dtype=torch.bool)
         args = (torch.randn(B, H, L, D), torch.randn(B, H, L, D), torch.randn(B, H, L, D), None, rows, everyone,
                 nobody, torch.tensor(False), *_state(B, H, H, L, D), 0, 0.5, 0.99, 0)
+        # the other path: every query row exact by one SDPA call (key length <= exact_below)
+        torch.library.opcheck(getattr(ops, name), args[:-1] + (1024,))
     torch.library.opcheck(getattr(ops, name), args)
 
 
