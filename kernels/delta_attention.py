@@ -80,7 +80,7 @@ def _output(ctx: Tensor, dtype: torch.dtype, copy: bool) -> Tensor:
 
 
 def _saliency(new_ctx, old_ctx, query_rows, always_rows, tau):
-    """Per row `[B, L]`: cosine over all heads of `[B, H, L, D]` contexts, reduced in place (no transpose copy)."""
+    """Salient rows `[B, L]`: cosine of the contexts over all heads, reduced over axes 1 and 3 of `[B, H, L, D]`."""
     if tau >= 1.0:
         moved = (new_ctx != old_ctx).any(3).any(1)
     else:
