@@ -279,3 +279,22 @@ def test_graph_break_runs_unchanged_with_one_warning():
     dyllm_warnings = [w for w in caught if "dyllm" in str(w.message)]
     assert len(dyllm_warnings) == 1 and "graph break" in str(dyllm_warnings[0].message)
     assert torch.allclose(out, model(ids), atol=1e-6)
+
+
+def test_model_with_kv_cache_enabled_is_still_rewritten():
+    """transformers' default `use_cache=True` concatenates K/V onto an empty cache and returns them: still sparse."""
+    torch._dynamo.reset()
+    model = llada_like(num_layers=2, hidden_size=32, num_heads=2, vocab_size=97)
+    model.config.use_cache = True
+    compiled = torch.compile(model, backend=dyllm_fx.backend(**FAST, tau=1.0), dynamic=False)
+    ids = torch.full((2, 10), model.config.mask_token_id)
+    ids[:, :4] = torch.randint(0, 90, (2, 4))
+    steps = [ids.clone()]
+    for pos in range(4, 7):
+        ids[:, pos] = pos
+        steps.append(ids.clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback would warn
+        run_both(model, compiled, steps)
+    (g,) = dyllm_fx.stats(model)
+    assert g.sparse_steps == 3
