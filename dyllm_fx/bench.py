@@ -4,6 +4,7 @@ one table of speed and fidelity.
     python -m dyllm_fx.bench --modes eager inductor dyllm --tau 0.99 0.95 --json results/bench.json
 """
 import argparse
+import ast
 import copy
 import gc
 import importlib.metadata
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--tau", nargs="+", type=float, default=[0.99], help="dyllm saliency thresholds, one mode each")
     p.add_argument("--policy", nargs="+", default=["paper"], help="dyllm policies, one mode each")
+    p.add_argument("--dyllm-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="another dyllm backend option for every dyllm mode (repeatable), e.g. exact_attention_below=0")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--repeats", type=int, default=1, help="timed decodes per mode after the warm-up; best is kept")
@@ -75,6 +78,22 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         POLICIES = None
     if POLICIES is not None and (bad_policy := [p for p in args.policy if p not in POLICIES]):
         parser.error(f"--policy {bad_policy} unknown; valid: {', '.join(POLICIES)}")
+    args.dyllm_options = {}
+    for item in args.dyllm_option:
+        key, sep, value = item.partition("=")
+        if not sep or key in ("tau", "policy"):
+            parser.error(f"--dyllm-option {item!r}: write KEY=VALUE for an option other than tau and policy "
+                         "(those have their own flags)")
+        try:
+            args.dyllm_options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            args.dyllm_options[key] = value
+    try:
+        from dyllm_fx.options import Options
+
+        Options.from_dict(args.dyllm_options)
+    except ValueError as bad:
+        parser.error(f"--dyllm-option: {bad}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device; use --device cpu")
     return args
@@ -129,7 +148,8 @@ def _modes(args) -> tuple[list[tuple[str, Optional[dict]]], list[str]]:
         except ImportError as missing:
             notes.append(f"dyllm modes skipped: dyllm_fx.backend is not importable ({missing})")
             continue
-        modes += [(f"dyllm tau={tau:g} {policy}", {"tau": tau, "policy": policy})
+        extra = "".join(f" {k}={v}" for k, v in args.dyllm_options.items())
+        modes += [(f"dyllm tau={tau:g} {policy}{extra}", {"tau": tau, "policy": policy, **args.dyllm_options})
                   for tau in dict.fromkeys(args.tau) for policy in dict.fromkeys(args.policy)]
     return modes, notes
 

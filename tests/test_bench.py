@@ -53,6 +53,9 @@ def test_table_speedup_and_extra_columns():
     (["--modes", "turbo"], "invalid choice: 'turbo'"),
     (["--confidence-threshold", "2"], "--confidence-threshold (2.0) must be in (0, 1]"),
     (["--model", "gpt5"], "invalid choice: 'gpt5'"),
+    (["--dyllm-option", "tua=1"], "unknown dyllm option(s) ['tua']"),
+    (["--dyllm-option", "exact_attention_below"], "write KEY=VALUE"),
+    (["--dyllm-option", "dense_steps=0"], "dense_steps=0"),
 ])
 def test_bad_options_exit_with_a_message(change, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -66,3 +69,14 @@ def test_cuda_without_a_gpu_exits(capsys):
     with pytest.raises(SystemExit):
         main(TINY + ["--device", "cuda"])
     assert "use --device cpu" in capsys.readouterr().err
+
+
+def test_dyllm_options_reach_every_dyllm_mode():
+    from dyllm_fx.bench import _modes, parse_args
+
+    args = parse_args(TINY[:-4] + ["--modes", "dyllm", "--tau", "0.99", "--policy", "paper", "full",
+                                   "--dyllm-option", "exact_attention_below=0", "--dyllm-option", "dense_steps=2"])
+    modes, notes = _modes(args)
+    assert not notes and [label for label, _ in modes] == [
+        "dyllm tau=0.99 paper exact_attention_below=0 dense_steps=2", "dyllm tau=0.99 full exact_attention_below=0 dense_steps=2"]
+    assert modes[1][1] == {"tau": 0.99, "policy": "full", "exact_attention_below": 0, "dense_steps": 2}
