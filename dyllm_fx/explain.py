@@ -2,34 +2,46 @@
 import torch
 from torch import nn
 
-from dyllm_fx.backend import Backend, graphs_of
+from dyllm_fx.backend import LIVE_GRAPHS, Backend
 
 
 class Explanation(list):
     """One `Report` per graph Dynamo produced (more than one: the model has graph breaks)."""
 
-    graph_breaks: list
+    @property
+    def graph_breaks(self) -> list[str]:
+        return [r.fallback for r in self if r.fallback and "graph break" in r.fallback]
 
     def __str__(self) -> str:
         head = []
-        if len(self.graph_breaks):
-            head.append(f"{len(self.graph_breaks)} graph break(s): the backend sees the model in pieces; "
-                        "remove them (TORCH_LOGS=graph_breaks) for a full rewrite. Reasons: " +
-                        "; ".join(str(b.reason) for b in self.graph_breaks[:3]))
+        if len(self) > 1:
+            head.append(f"{len(self)} graphs: the model has graph breaks, the backend sees it in pieces and runs "
+                        "it unchanged; remove them (TORCH_LOGS=graph_breaks) for a rewrite")
         return "\n\n".join(head + [str(r) for r in self])
 
 
+class _Recorder(Backend):
+    """The backend, keeping the graphs it builds to itself: `stats` and `reset` of the model never see them."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs, mode=None, options=None):
+        graph = super().__call__(gm, example_inputs, mode, options)
+        LIVE_GRAPHS.discard(graph)
+        self.graphs.append(graph)
+        return graph
+
+
 def explain(model: nn.Module, *args, **kwargs) -> Explanation:
-    """Traces `model` on example inputs with the dyllm backend (eager lowering) and returns its reports.
-    Options of the backend may be passed as `options={...}`."""
+    """Traces `model` (or the module a `torch.compile` wraps) on example inputs with the dyllm backend (eager
+    lowering, nothing cached for the model) and returns one report per graph. Backend options may be passed as
+    `options={...}`. Other compiled versions of the model are left as they are."""
     options = dict(kwargs.pop("options", None) or {})
     options["lowering"] = "eager"
     module = getattr(model, "_orig_mod", model)
-    before = set(map(id, graphs_of(module)))
-    compiled = torch.compile(module, backend=Backend(**options), dynamic=False)
+    recorder = _Recorder(**options)
     with torch.no_grad():
-        compiled(*args, **kwargs)
-        breaks = torch._dynamo.explain(module)(*args, **kwargs).break_reasons
-    result = Explanation(g.report for g in graphs_of(module) if id(g) not in before)
-    result.graph_breaks = breaks
-    return result
+        torch.compile(module, backend=recorder, dynamic=False)(*args, **kwargs)
+    return Explanation(g.report for g in recorder.graphs)

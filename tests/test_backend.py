@@ -298,3 +298,32 @@ def test_model_with_kv_cache_enabled_is_still_rewritten():
         run_both(model, compiled, steps)
     (g,) = dyllm_fx.stats(model)
     assert g.sparse_steps == 3
+
+
+def test_explain_reports_rewrite_and_fallback_and_leaves_compiled_models_alone():
+    torch._dynamo.reset()
+    model = llada_like(num_layers=2, hidden_size=32, num_heads=2, vocab_size=97)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(lowering="eager", dense_steps=1), dynamic=False)
+    ids = torch.randint(0, 90, (1, 6))
+    with torch.no_grad():
+        compiled(ids)
+    (report,) = dyllm_fx.explain(compiled, ids)
+    assert report.fallback is None and [s.supported for s in report.sites] == [True, True]
+    text = str(report)
+    assert text.count("delta attention") == 2 and "saliency of attention 0" in text and "KiB per token" in text
+    with torch.no_grad():
+        compiled(ids)
+    (g,) = dyllm_fx.stats(model)  # the explained graph is not the model's: one graph, both calls recorded
+    assert g.dense_mask.tolist() == [True, False]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (dense,) = dyllm_fx.explain(NoAttention().eval(), torch.randint(0, 20, (2, 5)))
+    assert "no attention" in dense.fallback and "runs unchanged" in str(dense)
+
+
+def test_explain_names_a_graph_break():
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        explanation = dyllm_fx.explain(WithGraphBreak().eval(), torch.randint(0, 20, (2, 5)))
+    assert len(explanation) == 2 and explanation.graph_breaks and "graph breaks" in str(explanation)
