@@ -54,7 +54,7 @@ def main():
                 step(i)
     print(f"{args.model} policy={args.policy} tau={args.tau}, {args.profiled} sparse steps profiled")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
-    print(dyllm_fx.stats(model)[0].__class__.__name__, f"mean salient fraction {dyllm_fx.stats(model)[0].mean_salient_fraction:.3f}")
+    print(f"mean salient fraction over the sparse steps: {dyllm_fx.stats(model)[0].mean_salient_fraction:.3f}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from dyllm_fx.options import Options
 from dyllm_fx.passes.attention import find_attention
 from dyllm_fx.passes.regions import plan_linears
 from dyllm_fx.passes.saliency_rewrite import SaliencyRewrite
-from dyllm_fx.passes.token_axis import TokenAxisAnalysis, tensor_meta
+from dyllm_fx.passes.token_axis import TokenAxisAnalysis
 from dyllm_fx.report import Report
 from dyllm_fx.state import SequenceState
 

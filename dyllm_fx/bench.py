@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 
 from dyllm_fx.generate import REMASKING, check_decoding_arguments, generate, teacher_forced_agreement
+from dyllm_fx.options import POLICIES, Options
+from dyllm_fx.stats import stats
 
 MODES = ("eager", "inductor", "dyllm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,11 +74,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                      .replace("steps (", "--steps (").replace("confidence_threshold", "--confidence-threshold"))
     if bad_tau := [t for t in args.tau if not 0 < t <= 1]:
         parser.error(f"--tau values must lie in (0, 1], got {bad_tau}")
-    try:
-        from dyllm_fx.options import POLICIES
-    except ImportError:
-        POLICIES = None
-    if POLICIES is not None and (bad_policy := [p for p in args.policy if p not in POLICIES]):
+    if bad_policy := [p for p in args.policy if p not in POLICIES]:
         parser.error(f"--policy {bad_policy} unknown; valid: {', '.join(POLICIES)}")
     args.dyllm_options = {}
     for item in args.dyllm_option:
@@ -89,8 +87,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         except (ValueError, SyntaxError):
             args.dyllm_options[key] = value
     try:
-        from dyllm_fx.options import Options
-
         Options.from_dict(args.dyllm_options)
     except ValueError as bad:
         parser.error(f"--dyllm-option: {bad}")
@@ -123,17 +119,12 @@ def machine_info(device: str) -> dict:
 
 
 def _dyllm_extras(model) -> dict[str, str]:
-    """Extra table columns for a dyllm-compiled model, from `dyllm_fx.stats`; {} when unavailable."""
-    try:
-        from dyllm_fx import stats
-
-        graphs = stats(model)
-        if not graphs:
-            return {}
-        return {"salient fraction": f"{sum(g.mean_salient_fraction for g in graphs) / len(graphs):.3f}",
-                "ideal speedup": f"{graphs[0].ideal_speedup:.2f}x"}
-    except Exception:
+    """Extra table columns for a dyllm-compiled model, from `dyllm_fx.stats`; {} when it ran unchanged."""
+    graphs = stats(model)
+    if not graphs:
         return {}
+    return {"salient fraction": f"{sum(g.mean_salient_fraction for g in graphs) / len(graphs):.3f}",
+            "ideal speedup": f"{graphs[0].ideal_speedup:.2f}x"}
 
 
 def _modes(args) -> tuple[list[tuple[str, Optional[dict]]], list[str]]:
@@ -142,11 +133,6 @@ def _modes(args) -> tuple[list[tuple[str, Optional[dict]]], list[str]]:
     for mode in dict.fromkeys(args.modes):
         if mode != "dyllm":
             modes.append((mode, None))
-            continue
-        try:
-            from dyllm_fx import backend  # noqa: F401
-        except ImportError as missing:
-            notes.append(f"dyllm modes skipped: dyllm_fx.backend is not importable ({missing})")
             continue
         extra = "".join(f" {k}={v}" for k, v in args.dyllm_options.items())
         modes += [(f"dyllm tau={tau:g} {policy}{extra}", {"tau": tau, "policy": policy, **args.dyllm_options})
