@@ -17,27 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dyllm_fx._factory import _mark_diffusion, _seeded_init
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # "<empty_output>": a Jupyter-metadata special token of SmolLM2's tokenizer. Plain text never tokenizes to it,
 # the chat template does not use it, and its embedding row is untrained (equal to ids 8, 10, 13, 15 up to
 # quantisation), so it carries no meaning the model could confuse with text.
 SMOLLM2_MASK_TOKEN, SMOLLM2_MASK_TOKEN_ID = "<empty_output>", 16
-
-
-def _seeded_init(build: Callable[[], nn.Module], seed: int, dtype: torch.dtype) -> nn.Module:
-    """build() under torch.manual_seed(seed) without touching the caller's RNG state; eval mode, dtype."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build()
-    return model.to(dtype).eval()
-
-
-def _mark_diffusion(model: nn.Module, mask_token_id: int, shift_logits: bool) -> nn.Module:
-    model.config.is_causal = False
-    model.config.use_cache = False  # a diffusion LM re-reads the whole sequence: no KV cache outputs
-    model.config.mask_token_id = int(mask_token_id)
-    model.config.shift_logits = bool(shift_logits)
-    return model
 
 
 def llada_like(*, vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, head_dim=None, intermediate_size=None,
@@ -152,6 +138,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "dream_like": dream_like,
     "tiny_dllm": tiny_dllm,
 }
+
+from dyllm_fx import zoo  # noqa: E402  (zoo imports only dyllm_fx._factory: no cycle)
+
+MODELS.update(zoo.ZOO)
 
 
 def get_model(name: str, **kwargs) -> nn.Module:

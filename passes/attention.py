@@ -140,7 +140,8 @@ def find_attention(gm: fx.GraphModule, analysis: TokenAxisAnalysis) -> list[Atte
             D = int(tensor_meta(q).shape[-1])
             site = AttentionSite(-1, node, q, k, v, mask, float(scale) if scale is not None else 1 / math.sqrt(D), "sdpa")
             if _arg(node, 5, "is_causal", False):
-                site.reason = "causal attention (is_causal=True): not a bidirectional diffusion LM layer"
+                site.reason = ("causal attention (is_causal=True): not a bidirectional diffusion LM layer; make it "
+                               "bidirectional (transformers: config.is_causal = False)")
             elif _arg(node, 4, "dropout_p", 0.0):
                 site.reason = "attention dropout is active (train mode?)"
         elif _is_matmul(node) and node in analysis.varying:

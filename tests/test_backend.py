@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dyllm_fx
 from dyllm_fx.models import dream_like, llada_like, tiny_dllm
+from dyllm_fx.report import where
 
 FAST = dict(lowering="eager", dense_steps=1)
 
@@ -327,3 +328,65 @@ def test_explain_names_a_graph_break():
         warnings.simplefilter("ignore")
         explanation = dyllm_fx.explain(WithGraphBreak().eval(), torch.randint(0, 20, (2, 5)))
     assert len(explanation) == 2 and explanation.graph_breaks and "graph breaks" in str(explanation)
+
+
+class TokenMixing(torch.nn.Module):
+    """Attention, then an MLP-Mixer style linear over the token axis: it mixes rows, so it must stay dense."""
+
+    def __init__(self, length=6, dim=8, vocab=20):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.mix = torch.nn.Linear(length, length)
+        self.mlp = torch.nn.Linear(dim, dim)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)
+        x = x + torch.nn.functional.scaled_dot_product_attention(q, k, v).squeeze(1)
+        x = x + self.mix(x.transpose(1, 2)).transpose(1, 2)
+        return self.head(x + self.mlp(x))
+
+
+def test_explain_names_what_stays_dense_and_why():
+    torch._dynamo.reset()
+    model = TokenMixing().eval()
+    ids = torch.randint(0, 20, (2, 6))
+    (report,) = dyllm_fx.explain(model, ids, options={"policy": "full"})
+    assert report.fallback is None and [s.supported for s in report.sites] == [True]
+    dense = dict(report.dense)  # everything after the token mix: its rows all moved, no saliency gates them
+    assert {"mix", "mlp", "head"} <= set(dense) and "token axis" in dense["mix"], report.dense
+    assert {where(l.node) for l in report.gated} == {"qkv"}
+    assert "| mix " in str(report) and "KiB per token" in str(report)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=1.0, policy="full", lowering="eager", dense_steps=1),
+                             dynamic=False)
+    steps = [ids, torch.where(torch.arange(6) == 3, 7, ids), torch.where(torch.arange(6) == 1, 5, ids)]
+    run_both(model, compiled, steps)
+
+
+class CausalOnly(torch.nn.Module):
+    def __init__(self, dim=8, vocab=20):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        q, k, v = self.qkv(self.emb(ids)).unsqueeze(1).chunk(3, dim=-1)
+        return self.head(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).squeeze(1))
+
+
+def test_causal_only_model_runs_unchanged_with_one_warning_naming_the_fix():
+    torch._dynamo.reset()
+    model = CausalOnly().eval()
+    compiled = torch.compile(model, backend=dyllm_fx.backend(lowering="eager"), dynamic=False)
+    ids = torch.randint(0, 20, (2, 5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            out = compiled(ids)
+            compiled(ids)
+    (w,) = [w for w in caught if "dyllm" in str(w.message)]
+    assert "causal" in str(w.message) and "is_causal" in str(w.message)
+    assert torch.equal(out, model(ids))
