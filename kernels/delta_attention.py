@@ -29,7 +29,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-CANCELLATION_FLOOR = 1e-2
+from .dispatch import use_triton
+from .saliency import saliency_reference
+
+CANCELLATION_FLOOR = 1e-2  # the Triton path (delta_attention_triton.py) uses the same rule
 
 
 def _additive(mask: Optional[Tensor], B: int, L: int) -> Optional[Tensor]:
@@ -79,17 +82,6 @@ def _output(ctx: Tensor, dtype: torch.dtype, copy: bool) -> Tensor:
     return rows_first.to(dtype).contiguous().transpose(1, 2)  # no copy when SDPA's layout and dtype already
 
 
-def _saliency(new_ctx, old_ctx, query_rows, always_rows, tau):
-    """Salient rows `[B, L]`: cosine of the contexts over all heads, reduced over axes 1 and 3 of `[B, H, L, D]`."""
-    if tau >= 1.0:
-        moved = (new_ctx != old_ctx).any(3).any(1)
-    else:
-        dot = (new_ctx * old_ctx).sum((1, 3))
-        norms = new_ctx.square().sum((1, 3)) * old_ctx.square().sum((1, 3))
-        moved = dot < tau * norms.sqrt().clamp_min(1e-30)
-    return (moved | always_rows) & query_rows
-
-
 def _exact_all(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache, ctx_cache,
                stats, layer, scale, tau):
     """Every query row exact (one SDPA call over the updated K/V cache)."""
@@ -109,7 +101,7 @@ def _exact_all(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_ca
         n_query = B * L
     else:
         ctx = torch.where(query_rows[:, None, :, None], ctx, ctx_cache)
-        salient = _saliency(ctx, ctx_cache, query_rows, always_rows, tau)
+        salient = saliency_reference(ctx, ctx_cache, query_rows, always_rows, tau)
         ctx_cache.copy_(ctx)
         n_query = query_rows.sum()
     stats[layer] = torch.stack([salient.sum(), torch.as_tensor(n_query), torch.tensor(0), torch.as_tensor(n_query)]).to(stats.device)
@@ -181,7 +173,7 @@ def delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_ro
     if is_dense:
         salient = torch.ones(B, L, dtype=torch.bool, device=q.device)
     else:
-        salient = _saliency(ctx_cache, old_ctx, query_rows, always_rows, tau)
+        salient = saliency_reference(ctx_cache, old_ctx, query_rows, always_rows, tau)
     stats[layer] = torch.stack([salient.sum(), exact.sum(), incremental.sum(),
                                 query_rows.sum() if not is_dense else torch.tensor(B * L)]).to(stats.device)
     return _output(ctx_cache, q.dtype, copy=True), salient
@@ -195,6 +187,12 @@ def delta_attention(
     query_rows: Tensor, always_rows: Tensor, dense: Tensor, k_cache: Tensor, v_cache: Tensor, ctx_cache: Tensor,
     lse_cache: Tensor, stats: Tensor, layer: int, scale: float, tau: float, exact_below: int,
 ) -> tuple[Tensor, Tensor]:
+    if use_triton(q) and q.shape[2] > exact_below:
+        from .delta_attention_triton import delta_attention_triton
+
+        ctx, salient = delta_attention_triton(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache,
+                                              v_cache, ctx_cache, lse_cache, stats, layer, scale, tau)
+        return _output(ctx, q.dtype, copy=True), salient
     return delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache,
                                      ctx_cache, lse_cache, stats, layer, scale, tau, exact_below)
 

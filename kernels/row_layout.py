@@ -4,6 +4,8 @@ Every row op takes two ints: `token_axis`, and `batch_axis`, which equals `token
 token are merged into one flat axis of size `B * L` (batch outer), and is -1 when the batch has size 1
 and no axis of its own. Both cases index rows by the flat position `b * L + l`.
 """
+from typing import Optional
+
 from torch import Tensor
 
 
@@ -23,6 +25,26 @@ def _leading_rows(t: Tensor, batch_axis: int, token_axis: int) -> bool:
     """Rows are the leading `B * L` elements of a contiguous tensor: a flat `[B * L, rest]` view exists."""
     leading = token_axis == 0 and batch_axis in (0, -1) or (batch_axis, token_axis) == (0, 1)
     return leading and t.is_contiguous()
+
+
+def flat_rows(t: Tensor, rows: Tensor, batch_axis: int, token_axis: int) -> Optional[Tensor]:
+    """`t` as a `[B * L, features]` view when its rows are its leading elements and one feature axis follows
+    (the layout the Triton row kernels take); None otherwise."""
+    if t.dim() != token_axis + 2 or not _leading_rows(t, batch_axis, token_axis):
+        return None
+    return t.view(rows.numel(), t.shape[-1])
+
+
+def row_mask(t: Tensor, rows: Tensor, batch_axis: int, token_axis: int) -> Tensor:
+    """The `[B, L]` row mask shaped to broadcast against `t` (for `torch.where`: no host synchronisation)."""
+    shape = [1] * t.dim()
+    if batch_axis == token_axis or batch_axis < 0:
+        shape[token_axis] = rows.numel()
+    else:
+        shape[batch_axis], shape[token_axis] = rows.shape
+        if batch_axis > token_axis:
+            rows = rows.t()
+    return rows.reshape(shape)
 
 
 def gather_rows(t: Tensor, rows: Tensor, batch_axis: int, token_axis: int) -> Tensor:

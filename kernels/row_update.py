@@ -1,12 +1,14 @@
 """`dyllm::row_update_`: writes the selected rows of a freshly computed tensor into its cache.
 
 After the call the cache holds the new value on the selected rows and the cached one elsewhere; the
-rewritten graph reads the cache in place of the tensor.
+rewritten graph reads the cache in place of the tensor. CPU: gather/scatter of the selected rows; CUDA:
+one elementwise `where` over the cache (no host synchronisation).
 """
 import torch
 from torch import Tensor
 
-from .row_layout import gather_rows, scatter_rows_
+from .dispatch import use_triton
+from .row_layout import gather_rows, row_mask, scatter_rows_
 
 
 def row_update_reference(cache, new, rows, batch_axis, token_axis):
@@ -18,6 +20,9 @@ def row_update_reference(cache, new, rows, batch_axis, token_axis):
 
 @torch.library.custom_op("dyllm::row_update_", mutates_args={"cache"})
 def row_update_(cache: Tensor, new: Tensor, rows: Tensor, batch_axis: int, token_axis: int) -> None:
+    if use_triton(cache):
+        torch.where(row_mask(cache, rows, batch_axis, token_axis), new.to(cache.dtype), cache, out=cache)
+        return
     row_update_reference(cache, new, rows, batch_axis, token_axis)
 
 

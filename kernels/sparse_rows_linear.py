@@ -3,6 +3,11 @@
 `y[r] = x[r] @ weight.T + bias` for the rows `r` set in the bool `[B, L]` mask `rows`; the other rows of
 `y` are left uninitialised: the rewrite only lets them reach row-wise ops, linears that read the
 selected rows, and cache writes of the selected rows.
+
+CPU: the plain-torch reference (a data-dependent `nonzero`, so the matmul shrinks with the row count).
+CUDA: the Triton kernel of `sparse_rows_linear_triton.py` over the row index of `row_index.py` (static
+capacity, device-side count: no host synchronisation), when the rows are the leading `B * L` elements of
+a contiguous `x`; otherwise the reference.
 """
 from typing import Optional
 
@@ -10,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .row_layout import gather_rows, scatter_rows_
+from .dispatch import use_triton
+from .row_layout import flat_rows, gather_rows, scatter_rows_
 
 
 def sparse_rows_linear_reference(x, weight, bias, rows, batch_axis, token_axis):
@@ -22,10 +28,27 @@ def sparse_rows_linear_reference(x, weight, bias, rows, batch_axis, token_axis):
     return out
 
 
+def _triton(x, weight, bias, rows, batch_axis, token_axis):
+    from .row_index import row_index
+    from .sparse_rows_linear_triton import sparse_rows_linear_triton
+
+    x2d = flat_rows(x, rows, batch_axis, token_axis)
+    if x2d is None or weight.stride(1) != 1:
+        return None
+    index, count = row_index(rows.reshape(1, -1))
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    sparse_rows_linear_triton(x2d, weight, bias, index[0], count, out.view(x2d.shape[0], weight.shape[0]))
+    return out
+
+
 @torch.library.custom_op("dyllm::sparse_rows_linear", mutates_args=())
 def sparse_rows_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor, batch_axis: int, token_axis: int
 ) -> Tensor:
+    if use_triton(x):
+        out = _triton(x, weight, bias, rows, batch_axis, token_axis)
+        if out is not None:
+            return out
     return sparse_rows_linear_reference(x, weight, bias, rows, batch_axis, token_axis)
 
 

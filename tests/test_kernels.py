@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from dyllm_fx import kernels  # noqa: F401
+from dyllm_fx.kernels.dispatch import triton_on_cpu
 
 ops = torch.ops.dyllm
 
@@ -126,8 +127,15 @@ def test_saliency_threshold_and_query_rows():
     assert torch.equal(out[0, :, 4], ctx_before)  # not a query row: context kept
 
 
+@pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
 @pytest.mark.parametrize("name", ["sparse_rows_linear", "row_update_", "delta_attention"])
-def test_opcheck(name):
+def test_opcheck(name, triton):
+    """Both paths of every op (on CPU the Triton one runs under the interpreter)."""
+    with triton_on_cpu(triton):
+        _opcheck(name)
+
+
+def _opcheck(name):
     B, H, L, D = 2, 2, 5, 4
     rows = torch.tensor([[True, False, True, False, False], [False, False, False, True, True]])
     if name == "sparse_rows_linear":
