@@ -61,8 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Parsed and checked options; exits with status 2 and a message naming the fix on bad ones."""
+    from dyllm_fx.zoo import NOT_DECODABLE
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.model in NOT_DECODABLE:
+        parser.error(f"--model {args.model}: {NOT_DECODABLE[args.model]}; the decoding loop cannot run it")
     for name in ("batch", "max_prompt_tokens", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

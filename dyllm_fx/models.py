@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dyllm_fx import zoo
 from dyllm_fx._factory import _mark_diffusion, _seeded_init
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -137,11 +138,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "llada_like": llada_like,
     "dream_like": dream_like,
     "tiny_dllm": tiny_dllm,
+    **zoo.ZOO,  # real transformers architectures, tiny random configs
 }
-
-from dyllm_fx import zoo  # noqa: E402  (zoo imports only dyllm_fx._factory: no cycle)
-
-MODELS.update(zoo.ZOO)
 
 
 def get_model(name: str, **kwargs) -> nn.Module:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from dyllm_fx import models
+from dyllm_fx import models, zoo
 from dyllm_fx.models import MODELS, dream_like, get_model, llada_like, tiny_dllm
 from dyllm_fx.prompts import gsm8k_questions
 
@@ -83,7 +83,7 @@ def test_every_factory_sets_mask_token_and_shift():
         assert config.mask_token_id == 96 and isinstance(config.mask_token_id, int)
         assert config.shift_logits is shift
         assert not small(name).training
-    assert set(MODELS) == {"smollm2_dream", *expected_shift}
+    assert set(MODELS) == {"smollm2_dream", *expected_shift, *zoo.ZOO}
 
 
 def test_seed_and_dtype():
