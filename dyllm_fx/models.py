@@ -47,6 +47,23 @@ def llada_like(*, vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, hea
     return _mark_diffusion(model, vocab_size - 1, shift_logits=False)
 
 
+# LLaDA-8B-Base's shapes (GSAI-ML/LLaDA-8B-Base config.json): for end-to-end timing at the real size.
+LLADA_8B = dict(vocab_size=126464, hidden_size=4096, num_layers=32, num_heads=32, intermediate_size=12288)
+
+
+def llada_8b(*, seed=0, dtype=torch.bfloat16, **overrides) -> nn.Module:
+    """A random-init model with LLaDA-8B's shapes (no weights are reachable offline), built directly on the GPU
+    when there is one, in `dtype` (16 GB in bf16). `overrides` replace entries of `LLADA_8B` (tests build it small)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return llada_like(**{**LLADA_8B, **overrides}, seed=seed, dtype=dtype)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def dream_like(*, vocab_size=512, hidden_size=112, num_layers=2, num_kv_heads=1, gqa_ratio=7, head_dim=16,
                intermediate_size=None, seed=0, dtype=torch.float32) -> nn.Module:
     """Dream-shaped random-init model: bidirectional Qwen2, GQA (num_kv_heads * gqa_ratio query heads),
@@ -136,6 +153,7 @@ def smollm2_dream(dtype=torch.float32) -> nn.Module:
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "smollm2_dream": smollm2_dream,
     "llada_like": llada_like,
+    "llada_8b": llada_8b,
     "dream_like": dream_like,
     "tiny_dllm": tiny_dllm,
     **zoo.ZOO,  # real transformers architectures, tiny random configs

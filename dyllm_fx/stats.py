@@ -60,6 +60,8 @@ def graph_stats(graph: CompiledGraph) -> GraphStats:
     hist = graph.state.history
     rows = graph.report.batch * graph.report.seq_len
     salient = torch.stack([r.layer_counts[:, 0].double() / rows for r in hist]) if hist else torch.zeros(0, len(graph.sites))
+    dense_sites = [s.index for s in graph.sites if not s.supported]
+    salient[:, dense_sites] = 1.0  # an attention left dense recomputes every row
     dense_mask = torch.tensor([r.dense for r in hist], dtype=torch.bool)
     flops = [_flops(graph, r) for r in hist]
     ideal = sum(f[0] for f in flops) / max(sum(f[1] for f in flops), 1.0) if flops else float("nan")

@@ -107,14 +107,17 @@ def gemma3(*, vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_
 def mixtral(*, vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48,
             num_experts=4, experts_per_token=2, seed=0, dtype=torch.float32) -> nn.Module:
     """MixtralForCausalLM: sparse MoE FFN (router + top-k of `num_experts` SwiGLU experts), GQA, no sliding
-    window. transformers' default experts implementation. [MASK] = vocab_size - 1, no shift."""
+    window. Experts run as transformers' `batched_mm` (`experts_implementation`): each row repeated top-k times,
+    its experts' weights gathered per row, one `bmm`, summed back per row, which the token-axis analysis proves
+    row-wise. The default `grouped_mm` sorts rows by expert: the layers after it would stay dense.
+    [MASK] = vocab_size - 1, no shift."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     config = MixtralConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size, num_local_experts=num_experts,
         num_experts_per_tok=experts_per_token, sliding_window=None, tie_word_embeddings=False,
-        is_causal=False, attn_implementation="sdpa",
+        is_causal=False, attn_implementation="sdpa", experts_implementation="batched_mm",
     )
     model = _seeded_init(lambda: MixtralForCausalLM(config), seed, dtype)
     return _mark_diffusion(model, vocab_size - 1, shift_logits=False)
@@ -182,7 +185,8 @@ def diffusion_gemma(*, vocab_size=128, hidden_size=32, num_layers=2, num_heads=4
                   num_attention_heads=2, num_key_value_heads=2, head_dim=8, position_embedding_size=64)
     config = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=canvas_length,
                                   boi_token_id=vocab_size - 4, eoi_token_id=vocab_size - 3,
-                                  image_token_id=vocab_size - 2, attn_implementation="sdpa")
+                                  image_token_id=vocab_size - 2, attn_implementation="sdpa",
+                                  experts_implementation="batched_mm")
     model = _seeded_init(lambda: DiffusionGemmaForBlockDiffusion(config), seed, dtype)
     # Not `_mark_diffusion`: any `config.is_causal` is forwarded by transformers' `merge_with_config_defaults` as
     # an `is_causal` kwarg that collides with the one DiffusionGemma's attention passes itself (TypeError), and

@@ -12,6 +12,13 @@ Per query row in `query_rows`:
   the row's softmax mass, the subtraction would lose precision: that row is recomputed exactly.
 Rows outside `query_rows` keep their cached context.
 
+`k_memory, v_memory [B, Hk, P, D]` (optional): a fixed memory the queries also attend to, before the `L`
+sequence keys (an encoder's KV cache, as DiffusionGemma's decoder reads it). The mask then covers `L x (P + L)`.
+The memory is constant within a sequence (it is computed from other graph inputs, whose change starts a new
+one), so its terms are part of the cached `(context, lse)` and only sequence columns are updated.
+`softcap` (0: none): scores become `softcap * tanh(scores / softcap)` before the mask (Gemma 2).
+Both run on the reference path (the Triton kernel has neither).
+
 When the key length is at most `exact_below`, every query row is recomputed exactly by one SDPA call
 instead: at short lengths that costs less than the incremental update's many small ops (CPU), and it
 is exact. The backend sets it per device (`Options.exact_attention_below`).
@@ -35,8 +42,8 @@ from .saliency import saliency_reference
 CANCELLATION_FLOOR = 1e-2  # the Triton path (delta_attention_triton.py) uses the same rule
 
 
-def _additive(mask: Optional[Tensor], B: int, L: int) -> Optional[Tensor]:
-    """The mask as fp32 additive `[B, 1 or H, L, L]`."""
+def _additive(mask: Optional[Tensor], B: int, L: int, Lk: int) -> Optional[Tensor]:
+    """The mask as fp32 additive `[B, 1 or H, L, Lk]`."""
     if mask is None:
         return None
     if mask.dtype == torch.bool:
@@ -44,7 +51,15 @@ def _additive(mask: Optional[Tensor], B: int, L: int) -> Optional[Tensor]:
     mask = mask.to(torch.float32)
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
-    return mask.expand(B, mask.shape[1], L, L)
+    return mask.expand(B, mask.shape[1], L, Lk)
+
+
+def _cap(scores: Tensor, softcap: float) -> Tensor:
+    return softcap * torch.tanh(scores / softcap) if softcap else scores
+
+
+def _keys(memory: Optional[Tensor], cache: Tensor) -> Tensor:
+    return cache if memory is None else torch.cat([memory.to(cache.dtype), cache], dim=2)
 
 
 def _select(rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,7 +98,7 @@ def _output(ctx: Tensor, dtype: torch.dtype, copy: bool) -> Tensor:
 
 
 def _exact_all(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache, ctx_cache,
-               stats, layer, scale, tau):
+               stats, layer, scale, tau, k_memory, v_memory, softcap):
     """Every query row exact (one SDPA call over the updated K/V cache)."""
     B, H, L, D = q.shape
     if bool(dense) or kv_rows is None:
@@ -93,8 +108,17 @@ def _exact_all(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_ca
         keep = ~kv_rows[:, None, :, None]
         torch.where(keep, k_cache, k, out=k_cache)  # elementwise: out may alias an input
         torch.where(keep, v_cache, v, out=v_cache)
-    ctx = torch.nn.functional.scaled_dot_product_attention(
-        q, k_cache, v_cache, attn_mask=attn_mask, scale=scale, enable_gqa=k.shape[1] != H).to(torch.float32)
+    keys, values = _keys(k_memory, k_cache), _keys(v_memory, v_cache)
+    if softcap:  # SDPA cannot soft-cap the scores
+        Hk = keys.shape[1]
+        s = _cap((_grouped(q.to(torch.float32), Hk) @ keys.to(torch.float32).unsqueeze(2).transpose(-2, -1)) * scale,
+                 softcap)
+        if attn_mask is not None:
+            s = s + _grouped(_additive(attn_mask, B, L, keys.shape[2]), Hk)
+        ctx = (torch.softmax(s, dim=-1) @ values.to(torch.float32).unsqueeze(2)).flatten(1, 2)
+    else:
+        ctx = torch.nn.functional.scaled_dot_product_attention(
+            q, keys, values, attn_mask=attn_mask, scale=scale, enable_gqa=k.shape[1] != H).to(torch.float32)
     if bool(dense):
         salient = torch.ones(B, L, dtype=torch.bool, device=q.device)
         ctx_cache.copy_(ctx)
@@ -109,14 +133,16 @@ def _exact_all(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_ca
 
 
 def delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache,
-                              ctx_cache, lse_cache, stats, layer, scale, tau, exact_below):
+                              ctx_cache, lse_cache, stats, layer, scale, tau, exact_below, k_memory=None,
+                              v_memory=None, softcap=0.0):
     B, H, L, D = q.shape
-    if L <= exact_below:
+    P = 0 if k_memory is None else k_memory.shape[2]
+    if P + L <= exact_below:
         return _exact_all(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache,
-                          ctx_cache, stats, layer, scale, tau)
+                          ctx_cache, stats, layer, scale, tau, k_memory, v_memory, softcap)
     Hk = k.shape[1]
     g = H // Hk
-    mask = _additive(attn_mask, B, L)
+    mask = _additive(attn_mask, B, L, P + L)
     qg = q.to(torch.float32).unflatten(1, (Hk, g))
     old_ctx = ctx_cache.clone()
     is_dense = bool(dense)
@@ -139,10 +165,10 @@ def delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_ro
         v_new = _take(v_cache, cols, 2).to(torch.float32)
         col_mask = torch.zeros(B, 1, 1, cols.shape[1], device=q.device).masked_fill_(~col_valid[:, None, None], -math.inf)
         if mask is not None:
-            col_mask = col_mask + _take(mask, cols, 3)
+            col_mask = col_mask + _take(mask, cols + P, 3)
         col_mask = _grouped(col_mask, Hk)
-        s_old = (qg @ k_old.unsqueeze(2).transpose(-2, -1)) * scale + col_mask
-        s_new = (qg @ k_new.unsqueeze(2).transpose(-2, -1)) * scale + col_mask
+        s_old = _cap((qg @ k_old.unsqueeze(2).transpose(-2, -1)) * scale, softcap) + col_mask
+        s_new = _cap((qg @ k_new.unsqueeze(2).transpose(-2, -1)) * scale, softcap) + col_mask
         lse0 = lse_cache.unflatten(1, (Hk, g))
         c0 = ctx_cache.unflatten(1, (Hk, g))
         m = torch.maximum(lse0, torch.maximum(s_old.amax(-1), s_new.amax(-1)))
@@ -161,12 +187,13 @@ def delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_ro
 
     if bool(exact.any()):
         rows, row_valid = _select(exact)
-        s = _grouped(_take(q.to(torch.float32), rows, 2), Hk) @ k_cache.to(torch.float32).unsqueeze(2).transpose(-2, -1)
-        s = s * scale
+        keys, values = _keys(k_memory, k_cache), _keys(v_memory, v_cache)
+        s = _grouped(_take(q.to(torch.float32), rows, 2), Hk) @ keys.to(torch.float32).unsqueeze(2).transpose(-2, -1)
+        s = _cap(s * scale, softcap)
         if mask is not None:
             s = s + _grouped(_take(mask, rows, 2), Hk)
         lse = torch.logsumexp(s, dim=-1)
-        ctx = torch.exp(s - lse.unsqueeze(-1)) @ v_cache.to(torch.float32).unsqueeze(2)
+        ctx = torch.exp(s - lse.unsqueeze(-1)) @ values.to(torch.float32).unsqueeze(2)
         _write_rows(ctx_cache, rows, row_valid, ctx.flatten(1, 2))
         _write_rows(lse_cache.unsqueeze(-1), rows, row_valid, lse.flatten(1, 2).unsqueeze(-1))
 
@@ -186,19 +213,21 @@ def delta_attention(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], kv_rows: Optional[Tensor],
     query_rows: Tensor, always_rows: Tensor, dense: Tensor, k_cache: Tensor, v_cache: Tensor, ctx_cache: Tensor,
     lse_cache: Tensor, stats: Tensor, layer: int, scale: float, tau: float, exact_below: int,
+    k_memory: Optional[Tensor] = None, v_memory: Optional[Tensor] = None, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    if use_triton(q) and q.shape[2] > exact_below:
+    if use_triton(q) and q.shape[2] > exact_below and k_memory is None and not softcap:
         from .delta_attention_triton import delta_attention_triton
 
         ctx, salient = delta_attention_triton(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache,
                                               v_cache, ctx_cache, lse_cache, stats, layer, scale, tau)
         return _output(ctx, q.dtype, copy=True), salient
     return delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache,
-                                     ctx_cache, lse_cache, stats, layer, scale, tau, exact_below)
+                                     ctx_cache, lse_cache, stats, layer, scale, tau, exact_below, k_memory, v_memory,
+                                     softcap)
 
 
 @delta_attention.register_fake
 def _(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache, ctx_cache, lse_cache, stats,
-      layer, scale, tau, exact_below):
+      layer, scale, tau, exact_below, k_memory=None, v_memory=None, softcap=0.0):
     B, H, L, D = q.shape
     return q.new_empty(B, L, H, D).transpose(1, 2), q.new_empty(B, L, dtype=torch.bool)

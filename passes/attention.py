@@ -31,6 +31,9 @@ class AttentionSite:
     kind: str  # "sdpa" or "matmul-softmax"
     inner: list = field(default_factory=list)  # hand-written: scores/probability nodes replaced with it
     reason: Optional[str] = None
+    softcap: Optional[float] = None  # scores = softcap * tanh(scores / softcap) before the mask (Gemma 2)
+    k_memory: Optional[fx.Node] = None  # keys = cat([k_memory, k]) along the token axis: a fixed memory
+    v_memory: Optional[fx.Node] = None  # (an encoder's KV cache) before the sequence's own keys
 
     @property
     def supported(self) -> bool:
@@ -82,8 +85,34 @@ def _untranspose(kt: fx.Node) -> Optional[fx.Node]:
     return None
 
 
+def _scalar(n) -> Optional[float]:
+    return float(n) if isinstance(n, (int, float)) and not isinstance(n, bool) else None
+
+
+def _softcap(s: fx.Node, inner: list) -> Optional[tuple[float, fx.Node]]:
+    """(c, x) when s = c * tanh(x / c) (or x * (1 / c)); the tanh and division nodes go to `inner`."""
+    a, b = (s.args + (None, None))[:2]
+    if op_name(s) not in ("mul", "imul"):
+        return None
+    t, c = (a, _scalar(b)) if isinstance(a, fx.Node) else (b, _scalar(a))
+    if c is None or not c or not isinstance(t, fx.Node) or op_name(t) != "tanh":
+        return None
+    d = t.args[0]
+    if not isinstance(d, fx.Node):
+        return None
+    x, y = (d.args + (None, None))[:2]
+    if op_name(d) in ("truediv", "div") and _scalar(y) == c:
+        inner += [t, d]
+        return c, x
+    if op_name(d) == "mul" and _scalar(y) is not None and math.isclose(_scalar(y) * c, 1.0, rel_tol=1e-6):
+        inner += [t, d]
+        return c, x
+    return None
+
+
 def _match_handwritten(out: fx.Node) -> Optional[AttentionSite]:
-    """out = matmul(P, v), P = [dropout|to]* softmax([add mask] [mul|div scale] matmul(q, k^T))."""
+    """out = matmul(P, v), P = [dropout|to]* softmax([add mask] [softcap] [mul|div scale] matmul(q, k^T)),
+    softcap: c * tanh(scores / c)."""
     p, v = out.args[0], out.args[1]
     inner = []
     while isinstance(p, fx.Node) and op_name(p) in ("dropout", "to", "type_as", "float", "contiguous"):
@@ -95,12 +124,15 @@ def _match_handwritten(out: fx.Node) -> Optional[AttentionSite]:
     if dim is None or tensor_meta(p) is None or dim % tensor_meta(p).dim() != tensor_meta(p).dim() - 1:
         return None
     inner.append(p)
-    s, mask, scale = p.args[0], None, 1.0
+    s, mask, scale, softcap = p.args[0], None, 1.0, None
     while isinstance(s, fx.Node) and not _is_matmul(s):
         inner.append(s)
         name = op_name(s)
         a, b = (s.args + (None, None))[:2]
-        if name in ("add", "iadd") and isinstance(a, fx.Node) and isinstance(b, fx.Node):
+        capped = _softcap(s, inner) if softcap is None and scale == 1.0 else None
+        if capped is not None:
+            softcap, s = capped
+        elif name in ("add", "iadd") and isinstance(a, fx.Node) and isinstance(b, fx.Node):
             if mask is not None:
                 return None
             scores_first = _is_matmul(a) or op_name(a) in ("mul", "truediv", "div", "to", "float")
@@ -123,7 +155,7 @@ def _match_handwritten(out: fx.Node) -> Optional[AttentionSite]:
     if k is None:
         return None
     inner.append(kt)
-    site = AttentionSite(-1, out, q, k, v, mask, float(scale), "matmul-softmax", inner=inner)
+    site = AttentionSite(-1, out, q, k, v, mask, float(scale), "matmul-softmax", inner=inner, softcap=softcap)
     if any(not _single_user(n) for n in inner if n is not kt):
         site.reason = "the attention scores or probabilities are read elsewhere (e.g. returned)"
     return site
@@ -150,9 +182,35 @@ def find_attention(gm: fx.GraphModule, analysis: TokenAxisAnalysis) -> list[Atte
             continue
         site.index = len(sites)
         if site.reason is None:
-            site.reason = _layout_problem(site, analysis)
+            site.reason = _split_memory(site, analysis) or _layout_problem(site, analysis)
         sites.append(site)
     return sites
+
+
+def _split_memory(site: AttentionSite, analysis: TokenAxisAnalysis) -> Optional[str]:
+    """Keys and values that are `cat([memory, x], token axis)` with a memory that does not depend on the token
+    input (an encoder's KV cache, sink tokens): the site keeps `x` as k/v and the memory apart."""
+    found = {}
+    for name in ("k", "v"):
+        node = getattr(site, name)
+        if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.cat):
+            continue
+        parts, ex = node.args[0], tensor_meta(node)
+        dim = _arg(node, 1, "dim", 0)
+        if ex is None or ex.dim() != 4 or not isinstance(dim, int) or dim % 4 != 2 or len(parts) != 2:
+            continue
+        memory, tokens = parts
+        mem = tensor_meta(memory)
+        if memory in analysis.varying or tokens not in analysis.varying or mem is None or mem.dim() != 4 or \
+                mem.numel() == 0:  # an empty KV cache (`cat([tensor([]), k])`) is no memory: the cat is k itself
+            continue
+        found[name] = (memory, tokens)
+    if not found:
+        return None
+    if len(found) == 1 or tensor_meta(found["k"][0]).shape[2] != tensor_meta(found["v"][0]).shape[2]:
+        return "keys and values do not share one fixed memory before the sequence"
+    (site.k_memory, site.k), (site.v_memory, site.v) = found["k"], found["v"]
+    return None
 
 
 def _layout_problem(site: AttentionSite, analysis: TokenAxisAnalysis) -> Optional[str]:
@@ -166,7 +224,7 @@ def _layout_problem(site: AttentionSite, analysis: TokenAxisAnalysis) -> Optiona
         a = analysis.axes.get(node)
         if a is None:
             return f"the token axis of {name} could not be proven"
-        if a.token != 2 or a.batch not in (0, -1):
+        if a.token != 2 or a.batch not in (0, -1) or a.expand != 1:
             return f"{name} is not in [B, H, L, D] layout (token axis {a.token})"
     q, k = tensor_meta(site.q), tensor_meta(site.k)
     if q.shape[1] % k.shape[1]:

@@ -44,6 +44,7 @@ class SaliencyRewrite:
                  linears: list[LinearSite], tau: float, exact_below: int):
         self.gm, self.graph, self.analysis = gm, gm.graph, analysis
         self.sites, self.tau, self.exact_below = [s for s in sites if s.supported], tau, exact_below
+        self.n_sites = len(sites)  # stats rows are indexed by site index, supported or not
         self.gated = {l.node: l.region for l in linears if l.region is not None}
         self.result = RewriteResult()
         self.partial: dict[fx.Node, int] = {}
@@ -85,9 +86,13 @@ class SaliencyRewrite:
         self.rows = {-1: self._input("entry_rows", (B, L), torch.bool, "entry_rows", dev)}
         self.query_rows = self._input("query_rows", (B, L), torch.bool, "query_rows", dev)
         self.dense = self._input("dense", (), torch.bool, "dense", dev)
-        self.stats = self._input("stats", (max(len(self.sites), 1), 4), torch.int64, "stats", dev)
+        self.stats = self._input("stats", (max(self.n_sites, 1), 4), torch.int64, "stats", dev)
         site_of = {s.output: s for s in self.sites}
         inner = {n for s in self.sites for n in s.inner}
+        # Nodes nobody reads before the rewrite are there for their effect, not their value: Dynamo keeps
+        # functorch's `_vmap_increment_nesting` / `_vmap_decrement_nesting` (transformers' mask functions trace
+        # through torch.vmap) and fx's DCE takes them for pure. Remove only what the rewrite leaves unread.
+        unread = {n for n in self.graph.nodes if not n.users and n.op != "output"}
         for node in list(self.graph.nodes):
             if node in inner or node.op == "placeholder":
                 continue
@@ -101,7 +106,7 @@ class SaliencyRewrite:
                         self._use_cache(node, a)
             else:
                 self._propagate(node)
-        self.graph.eliminate_dead_code()
+        self.graph.eliminate_dead_code(is_impure_node=lambda n: n in unread or n.is_impure())
         self.graph.lint()
         self.gm.recompile()
         return self.result
@@ -140,7 +145,7 @@ class SaliencyRewrite:
             delta = self.graph.call_function(
                 ops.delta_attention.default,
                 (q, k, v, site.mask, kv_rows, self.query_rows, self.rows[-1], self.dense, *caches, self.stats, i,
-                 site.scale, self.tau, self.exact_below))
+                 site.scale, self.tau, self.exact_below, site.k_memory, site.v_memory, site.softcap or 0.0))
             out = self.graph.call_function(operator.getitem, (delta, 0))
             rows = self.graph.call_function(operator.getitem, (delta, 1))
         out.meta["example_value"] = tensor_meta(site.output)

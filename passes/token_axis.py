@@ -7,10 +7,16 @@ prefix products for views and reshapes, permutations, reductions over other axes
 `(b, l)` depends on input rows `(b, l)` alone (plus tensors that do not depend on the token input).
 Attention and matmuls of two token tensors mix rows but keep the layout of their left/query operand;
 reductions or slices along the token axis and gathers by data lose it (`None`).
+
+*Expanded rows* (`RowAxes.expand = K`): one row axis of size `B * L * K` (or `L * K` when `B == 1`) holding
+each row's K consecutive copies, as a mixture of experts makes them: `repeat_interleave(K, dim=rows)`,
+`topk_index.reshape(-1)`, `expert_weight[expert_ids]`, a `bmm` of two such tensors, and back with
+`view(rows, K, D).sum(1)`. Expanded nodes are not `rowwise` (the rewrite keeps them off row sets: they are
+computed in full); they keep the token axis known through the experts, so later layers are rewritten.
 """
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -25,6 +31,7 @@ class RowAxes:
 
     token: int
     batch: int
+    expand: int = 1
 
 
 def tensor_meta(node) -> Optional[torch.Tensor]:
@@ -104,7 +111,7 @@ class TokenAxisAnalysis:
             try:
                 mixing = self._mixing_layout(node, inputs)
                 self.axes[node] = mixing if mixing is not None else self._propagate(node, inputs)
-                if mixing is None and self.axes[node] is not None:
+                if mixing is None and self.axes[node] is not None and self.axes[node].expand == 1:
                     self.rowwise.add(node)
             except Exception:
                 self.axes[node] = None
@@ -117,6 +124,8 @@ class TokenAxisAnalysis:
             return self.axes.get(node.args[0])
         if name in ("matmul", "bmm") and all(a in self.varying for a in node.args[:2]):
             a, xd = self.axes.get(node.args[0]), tensor_meta(node.args[0]).dim()
+            if self._same_rows_batched(node):
+                return None
             if a is not None and a.token < xd - 1:
                 return self._shift(a, tensor_meta(node).dim() - xd)
         return None
@@ -147,6 +156,8 @@ class TokenAxisAnalysis:
             return a if a.token != tensor_meta(node.args[0]).dim() - 1 else None
         if name in ("matmul", "mm", "bmm"):
             x, w = node.args[0], node.args[1]
+            if self._same_rows_batched(node):
+                return self.axes[x]
             if w in self.varying or x not in self.varying:
                 return None
             a, xd = self.axes[x], tensor_meta(x).dim()
@@ -172,6 +183,10 @@ class TokenAxisAnalysis:
             return self._shift(a, out.dim() - tensor_meta(node.args[0]).dim())
         if name == "repeat_interleave":
             dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else None)
+            repeats = node.kwargs.get("repeats", node.args[1] if len(node.args) > 1 else None)
+            a = self.axes[node.args[0]]
+            if dim is not None and isinstance(repeats, int) and dim % out.dim() == a.token and self._one_row_axis(a):
+                return replace(a, expand=a.expand * repeats)
             return self._same_rank_if_dim_free(node, dim)
         if name == "cat":
             return self._cat(node, out)
@@ -182,7 +197,25 @@ class TokenAxisAnalysis:
         return None
 
     def _shift(self, a: RowAxes, by: int) -> RowAxes:
-        return RowAxes(a.token + by, a.batch + by if a.batch >= 0 else -1)
+        return replace(a, token=a.token + by, batch=a.batch + by if a.batch >= 0 else -1)
+
+    @staticmethod
+    def _one_row_axis(a: RowAxes) -> bool:
+        """Batch and token on one axis (merged, or no batch axis): the layouts rows can be expanded in."""
+        return a.batch == a.token or a.batch < 0
+
+    def _rows(self, a: RowAxes) -> int:
+        return self.B * self.L if a.batch == a.token else self.L
+
+    def _same_rows_batched(self, node) -> bool:
+        """A batched matmul of two token tensors with the same rows on a batch axis (experts' weights gathered
+        per row times the rows): row-wise, unlike attention's q @ k^T, whose key rows sit on a matrix axis."""
+        x, w = node.args[0], node.args[1]
+        if not (x in self.varying and w in self.varying and tensor_meta(x) is not None and tensor_meta(w) is not None):
+            return False
+        a, b = self.axes.get(x), self.axes.get(w)
+        xd = tensor_meta(x).dim()
+        return a is not None and a == b and xd == tensor_meta(w).dim() and max(a.token, a.batch) < xd - 2
 
     def _broadcast(self, node, inputs, out) -> Optional[RowAxes]:
         result = None
@@ -191,7 +224,7 @@ class TokenAxisAnalysis:
             if result is not None and a != result:
                 return None
             result = a
-        if int(out.shape[result.token]) not in (self.L, self.B * self.L):
+        if int(out.shape[result.token]) not in (self.L * result.expand, self.B * self.L * result.expand):
             return None
         return result
 
@@ -227,8 +260,8 @@ class TokenAxisAnalysis:
             return None
         if keep_rank or out.dim() == xd:
             return a
-        return RowAxes(a.token - sum(d < a.token for d in dims),
-                       a.batch - sum(d < a.batch for d in dims) if a.batch >= 0 else -1)
+        return replace(a, token=a.token - sum(d < a.token for d in dims),
+                       batch=a.batch - sum(d < a.batch for d in dims) if a.batch >= 0 else -1)
 
     def _same_rank_if_dim_free(self, node, dim) -> Optional[RowAxes]:
         a, xd = self.axes[node.args[0]], tensor_meta(node.args[0]).dim()
@@ -246,6 +279,14 @@ class TokenAxisAnalysis:
                     return j
             return None
 
+        if a.expand > 1:
+            return self._view_expanded(a, shape, new)
+        plain = self._view_plain(a, shape, new, find)
+        if plain is None and self._one_row_axis(a) and int(shape[a.token]) == self._rows(a):
+            return self._view_expanded(a, shape, new)  # rows merged with the axes after them
+        return plain
+
+    def _view_plain(self, a: RowAxes, shape, new, find) -> Optional[RowAxes]:
         B, L = self.B, self.L
         if a.batch == a.token:  # flat [.., B*L, ..]
             p = _prod(shape[: a.token])
@@ -268,6 +309,20 @@ class TokenAxisAnalysis:
                 return RowAxes(j, j)
         return None
 
+    def _view_expanded(self, a: RowAxes, shape, new) -> Optional[RowAxes]:
+        """One row axis of R * e elements (each row's e copies consecutive) viewed as another shape: the new
+        row axis starts where the old one did and holds R * x elements, where x divides e (split) or is e times
+        the product of the axes that follow it (merge)."""
+        t, e, R = a.token, a.expand, self._rows(a)
+        p = _prod(shape[:t])
+        merges = {e * _prod(shape[t + 1: t + 1 + k]) for k in range(len(shape) - t)}
+        for j in range(len(new)):
+            if _prod(new[:j]) == p and int(new[j]) % R == 0:
+                x = int(new[j]) // R
+                if e % x == 0 or x in merges:
+                    return RowAxes(j, j if a.batch == a.token else -1, x)
+        return None
+
     def _permute(self, node, out) -> Optional[RowAxes]:
         x = node.args[0]
         a, xd = self.axes[x], tensor_meta(x).dim()
@@ -284,12 +339,17 @@ class TokenAxisAnalysis:
         else:  # movedim
             src, dst = node.args[1], node.args[2]
             perm = torch.arange(xd).movedim(src, dst).tolist()
-        return RowAxes(perm.index(a.token), perm.index(a.batch) if a.batch >= 0 else -1)
+        return replace(a, token=perm.index(a.token), batch=perm.index(a.batch) if a.batch >= 0 else -1)
 
     def _getitem(self, node) -> Optional[RowAxes]:
         src, idx = node.args
         if tensor_meta(src) is None:  # element of a tuple-valued row-wise op
             return self.axes[src] if isinstance(idx, int) else None
+        if src not in self.varying:  # `table[ids]` by token-dependent ids: a lookup, like embedding
+            ids = tensor_meta(idx) if isinstance(idx, fx.Node) else None
+            if ids is not None and not ids.is_floating_point() and ids.dtype != torch.bool:
+                return self.axes[idx]
+            return None
         a, xd = self.axes[src], tensor_meta(src).dim()
         idx = idx if isinstance(idx, tuple) else (idx,)
         if any(isinstance(i, fx.Node) or isinstance(i, torch.Tensor) for i in idx):
@@ -319,9 +379,9 @@ class TokenAxisAnalysis:
         if not isinstance(t, int):
             return None
         if a.batch < 0:
-            return RowAxes(t, -1)
+            return replace(a, token=t, batch=-1)
         b = mapping.get(a.batch)
-        return RowAxes(t, b) if isinstance(b, int) else None
+        return replace(a, token=t, batch=b) if isinstance(b, int) else None
 
     def _cat(self, node, out) -> Optional[RowAxes]:
         tensors = node.args[0]

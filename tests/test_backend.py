@@ -8,13 +8,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dyllm_fx
 from dyllm_fx.models import dream_like, llada_like, tiny_dllm
+from trajectories import logits_of, run_both, trajectory
 from dyllm_fx.report import where
 
 FAST = dict(lowering="eager", dense_steps=1)
-
-
-def logits_of(out):
-    return out.logits if hasattr(out, "logits") else out
 
 
 def build(kind, layers, heads, gqa, head_dim, seed):
@@ -25,34 +22,6 @@ def build(kind, layers, heads, gqa, head_dim, seed):
         return dream_like(hidden_size=heads * gqa * head_dim, num_layers=layers, num_kv_heads=heads,
                           gqa_ratio=gqa, head_dim=head_dim, vocab_size=97, seed=seed)
     return tiny_dllm(vocab_size=97, dim=heads * head_dim, n_layers=layers, n_heads=heads)
-
-
-def trajectory(draw, batch, length, mask_id):
-    """A denoising trajectory: prompt + masks, 1-4 tokens committed per step, sometimes a new sequence."""
-    prompt = draw(st.integers(1, length - 2))
-    ids = torch.full((batch, length), mask_id)
-    ids[:, :prompt] = torch.randint(0, mask_id - 1, (batch, prompt))
-    steps = [ids.clone()]
-    for _ in range(draw(st.integers(2, 5))):
-        if draw(st.integers(0, 5)) == 0:
-            ids = torch.randint(0, mask_id - 1, (batch, length))
-            ids[:, prompt:] = mask_id
-        else:
-            for b in range(batch):
-                masked = (ids[b] == mask_id).nonzero().squeeze(1)
-                if len(masked):
-                    pick = masked[torch.randperm(len(masked))[: draw(st.integers(1, 4))]]
-                    ids[b, pick] = torch.randint(0, mask_id - 1, (len(pick),))
-        steps.append(ids.clone())
-    return steps
-
-
-def run_both(model, compiled, steps, atol=1e-4):
-    with torch.no_grad():
-        for ids in steps:
-            ref, out = logits_of(model(ids)), logits_of(compiled(ids))
-            assert (ref - out).abs().max().item() <= atol
-            assert torch.equal(ref.argmax(-1), out.argmax(-1))
 
 
 @settings(max_examples=14, deadline=None, suppress_health_check=list(HealthCheck))
@@ -390,3 +359,35 @@ def test_causal_only_model_runs_unchanged_with_one_warning_naming_the_fix():
     (w,) = [w for w in caught if "dyllm" in str(w.message)]
     assert "causal" in str(w.message) and "is_causal" in str(w.message)
     assert torch.equal(out, model(ids))
+
+
+class CausalThenBidirectional(torch.nn.Module):
+    """A causal attention (left dense) before a bidirectional one (rewritten)."""
+
+    def __init__(self, dim=8, vocab=20):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(dim, 3 * dim) for _ in range(2))
+        self.mlp = torch.nn.Linear(dim, dim)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for i, qkv in enumerate(self.qkv):
+            q, k, v = qkv(x).unsqueeze(1).chunk(3, dim=-1)
+            x = x + torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=i == 0).squeeze(1)
+            x = x + self.mlp(x)
+        return self.head(x)
+
+
+def test_a_dense_attention_before_a_rewritten_one():
+    torch._dynamo.reset()
+    model = CausalThenBidirectional().eval()
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=1.0, lowering="eager", dense_steps=1), dynamic=False)
+    ids = torch.randint(0, 19, (2, 6))
+    steps = [ids, torch.where(torch.arange(6) == 3, 19, ids), torch.where(torch.arange(6) == 1, 5, ids)]
+    run_both(model, compiled, steps)
+    (report,) = dyllm_fx.explain(model, ids)
+    assert [s.supported for s in report.sites] == [False, True]
+    (g,) = dyllm_fx.stats(model)
+    assert g.sparse_steps == 2 and (g.salient[:, 0] == 1).all()  # the dense attention counts every row

@@ -83,7 +83,16 @@ def test_every_factory_sets_mask_token_and_shift():
         assert config.mask_token_id == 96 and isinstance(config.mask_token_id, int)
         assert config.shift_logits is shift
         assert not small(name).training
-    assert set(MODELS) == {"smollm2_dream", *expected_shift, *zoo.ZOO}
+    assert set(MODELS) == {"smollm2_dream", "llada_8b", *expected_shift, *zoo.ZOO}
+
+
+def test_llada_8b_has_llada_shapes_and_builds_in_the_asked_dtype():
+    assert models.LLADA_8B == dict(vocab_size=126464, hidden_size=4096, num_layers=32, num_heads=32,
+                                   intermediate_size=12288)
+    model = models.llada_8b(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=48)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.config.intermediate_size == 48 and model.config.mask_token_id == 63
+    assert torch.get_default_dtype() == torch.float32  # restored
 
 
 def test_seed_and_dtype():
@@ -114,7 +123,7 @@ def test_dream_like_defaults_are_gqa_seven_to_one():
 
 def test_get_model():
     assert get_model("tiny_dllm", vocab_size=50).config.mask_token_id == 49
-    with pytest.raises(ValueError, match="smollm2_dream, llada_like, dream_like, tiny_dllm"):
+    with pytest.raises(ValueError, match="smollm2_dream, llada_like, llada_8b, dream_like, tiny_dllm"):
         get_model("llada")
 
 

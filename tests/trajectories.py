@@ -1,0 +1,42 @@
+"""Shared test helpers: denoising trajectories and running a compiled model against eager over them.
+
+Imported as a top-level module (`from trajectories import ...`): pytest's default `prepend` import mode puts
+this folder on `sys.path` for the test files in it (there is no `tests/__init__.py`).
+"""
+import torch
+from hypothesis import strategies as st
+
+
+def logits_of(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def trajectory(draw, batch, length, mask_id):
+    """A denoising trajectory: prompt + masks, 1-4 tokens committed per step, sometimes a new sequence."""
+    prompt = draw(st.integers(1, length - 2))
+    ids = torch.full((batch, length), mask_id)
+    ids[:, :prompt] = torch.randint(0, mask_id - 1, (batch, prompt))
+    steps = [ids.clone()]
+    for _ in range(draw(st.integers(2, 5))):
+        if draw(st.integers(0, 5)) == 0:
+            ids = torch.randint(0, mask_id - 1, (batch, length))
+            ids[:, prompt:] = mask_id
+        else:
+            for b in range(batch):
+                masked = (ids[b] == mask_id).nonzero().squeeze(1)
+                if len(masked):
+                    pick = masked[torch.randperm(len(masked))[: draw(st.integers(1, 4))]]
+                    ids[b, pick] = torch.randint(0, mask_id - 1, (len(pick),))
+        steps.append(ids.clone())
+    return steps
+
+
+def run_both(model, compiled, steps, atol=1e-4, **kwargs):
+    """Every step through the eager model and the compiled one (same extra kwargs): logits within `atol`,
+    same argmax."""
+    with torch.no_grad():
+        for i, ids in enumerate(steps):
+            ref, out = logits_of(model(ids, **kwargs)), logits_of(compiled(ids, **kwargs))
+            diff = (ref - out).abs().max().item()
+            assert diff <= atol, f"step {i}: max |eager - compiled| = {diff:.3g} > {atol}"
+            assert torch.equal(ref.argmax(-1), out.argmax(-1)), f"step {i}: argmax differs"
