@@ -44,10 +44,15 @@ def _is_user_input(node: fx.Node, example) -> bool:
 def _token_input(placeholders, example_inputs) -> Optional[int]:
     users = [i for i, (n, e) in enumerate(zip(placeholders, example_inputs))
              if isinstance(e, torch.Tensor) and _is_user_input(n, e)]
-    for i in users:
-        e = example_inputs[i]
-        if not e.is_floating_point() and e.dim() == 2 and e.dtype != torch.bool:
-            return i
+    ids = [i for i in users if not example_inputs[i].is_floating_point() and example_inputs[i].dim() == 2
+           and example_inputs[i].dtype != torch.bool]
+    if ids:
+        # Placeholders come in the order the code first reads them (a model may read position ids before the
+        # tokens): an argument named like token ids wins, one named like positions, masks or segment ids loses.
+        def rank(i):
+            name = placeholders[i].name.lower()
+            return 0 if "input_ids" in name else 2 if any(w in name for w in ("position", "mask", "type")) else 1
+        return min(ids, key=rank)
     for i in users:
         if example_inputs[i].is_floating_point() and example_inputs[i].dim() == 3:
             return i

@@ -391,3 +391,17 @@ def test_a_dense_attention_before_a_rewritten_one():
     assert [s.supported for s in report.sites] == [False, True]
     (g,) = dyllm_fx.stats(model)
     assert g.sparse_steps == 2 and (g.salient[:, 0] == 1).all()  # the dense attention counts every row
+
+
+def test_token_ids_are_found_when_the_model_reads_position_ids_first():
+    """TinyDLLM reads `position_ids` before `input_ids`, so Dynamo lists it first: both are integer [B, L]."""
+    from dyllm_fx.generate import generate
+
+    torch._dynamo.reset()
+    model = tiny_dllm(vocab_size=97, dim=32, n_layers=1, n_heads=2)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, lowering="eager"), dynamic=False)
+    prompt, real = torch.randint(0, 90, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    real[0, :2] = 0
+    generate(compiled, prompt, gen_length=8, steps=8, block_length=8, mask_id=96, attention_mask=real)
+    (g,) = dyllm_fx.stats(model)
+    assert (g.dense_steps, g.sparse_steps) == (4, 4)  # not a new sequence at every step
