@@ -72,6 +72,18 @@ def _graph_break() -> tuple[Optional[str], bool]:
         return None, False
 
 
+def _static_fakes(tensors) -> list:
+    """The runtime-owned inputs as static fake tensors of Dynamo's fake mode: given as real tensors, Inductor
+    would fakify them itself, possibly with symbolic sizes that no Dynamo source names (a guard on one then
+    fails to build: `symbol_to_source` IndexError)."""
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode()
+    if fake_mode is None:
+        return list(tensors)
+    return [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
+
+
 class SourceKey(CustomGraphPass):
     """A post-grad pass that does nothing but key Inductor's FX-graph cache on this package's sources:
     a cached graph compiled against other versions of our ops (fake impls, layouts) is never reused."""
@@ -171,7 +183,7 @@ class CompiledGraph:
         self.state = SequenceState(result.buffers, device, self.options, token_index, others)
         self.report.cache_bytes = self.state.cache_bytes
         self.rewritten = rewritten
-        return self._lower(rewritten, example_inputs + list(self.state.tensors))
+        return self._lower(rewritten, example_inputs + _static_fakes(self.state.tensors))
 
     def __call__(self, *args):
         if self.state is None:
