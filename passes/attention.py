@@ -34,6 +34,7 @@ class AttentionSite:
     softcap: Optional[float] = None  # scores = softcap * tanh(scores / softcap) before the mask (Gemma 2)
     k_memory: Optional[fx.Node] = None  # keys = cat([k_memory, k]) along the token axis: a fixed memory
     v_memory: Optional[fx.Node] = None  # (an encoder's KV cache) before the sequence's own keys
+    mask_negated: bool = False  # `mask` is the bool fill condition of `masked_fill(scores, mask, -inf)`: True drops
 
     @property
     def supported(self) -> bool:
@@ -110,6 +111,23 @@ def _softcap(s: fx.Node, inner: list) -> Optional[tuple[float, fx.Node]]:
     return None
 
 
+def _drops_column(value) -> bool:
+    """A fill value after which softmax gives the column weight 0 (as a False in SDPA's bool mask), as long as
+    the row keeps one column: -inf, or a float at most float16's lowest (`torch.finfo(dtype).min`)."""
+    return isinstance(value, float) and value <= torch.finfo(torch.float16).min
+
+
+def _is_bool(n) -> bool:
+    return tensor_meta(n) is not None and tensor_meta(n).dtype == torch.bool
+
+
+def _bool_mask(cond: fx.Node) -> tuple[fx.Node, bool]:
+    """(mask, negated) for a fill condition: `~keep` / `logical_not(keep)` gives `keep` itself."""
+    if op_name(cond) in ("invert", "logical_not") and isinstance(cond.args[0], fx.Node):
+        return cond.args[0], False
+    return cond, True
+
+
 def _match_handwritten(out: fx.Node) -> Optional[AttentionSite]:
     """out = matmul(P, v), P = [dropout|to]* softmax([add mask] [softcap] [mul|div scale] matmul(q, k^T)),
     softcap: c * tanh(scores / c)."""
@@ -124,7 +142,7 @@ def _match_handwritten(out: fx.Node) -> Optional[AttentionSite]:
     if dim is None or tensor_meta(p) is None or dim % tensor_meta(p).dim() != tensor_meta(p).dim() - 1:
         return None
     inner.append(p)
-    s, mask, scale, softcap = p.args[0], None, 1.0, None
+    s, mask, scale, softcap, negated = p.args[0], None, 1.0, None, False
     while isinstance(s, fx.Node) and not _is_matmul(s):
         inner.append(s)
         name = op_name(s)
@@ -137,6 +155,16 @@ def _match_handwritten(out: fx.Node) -> Optional[AttentionSite]:
                 return None
             scores_first = _is_matmul(a) or op_name(a) in ("mul", "truediv", "div", "to", "float")
             s, mask = (a, b) if scores_first else (b, a)
+        elif name in ("masked_fill", "masked_fill_") and isinstance(a, fx.Node) and _is_bool(b) and \
+                _drops_column(_arg(s, 2, "value")):  # scores.masked_fill(drop, -inf)
+            if mask is not None:
+                return None
+            (mask, negated), s = _bool_mask(b), a
+        elif name == "where" and len(s.args) == 3 and _is_bool(a) and isinstance(b, fx.Node) and \
+                _drops_column(s.args[2]):  # torch.where(keep, scores, -inf)
+            if mask is not None:
+                return None
+            mask, s = a, b
         elif name in ("mul", "imul") and isinstance(b, (int, float)):
             scale, s = scale * b, a
         elif name in ("mul",) and isinstance(a, (int, float)):
@@ -155,7 +183,8 @@ def _match_handwritten(out: fx.Node) -> Optional[AttentionSite]:
     if k is None:
         return None
     inner.append(kt)
-    site = AttentionSite(-1, out, q, k, v, mask, float(scale), "matmul-softmax", inner=inner, softcap=softcap)
+    site = AttentionSite(-1, out, q, k, v, mask, float(scale), "matmul-softmax", inner=inner, softcap=softcap,
+                         mask_negated=negated)
     if any(not _single_user(n) for n in inner if n is not kt):
         site.reason = "the attention scores or probabilities are read elsewhere (e.g. returned)"
     return site

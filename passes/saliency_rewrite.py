@@ -133,6 +133,12 @@ class SaliencyRewrite:
             k = self._cache_point(k) if k in self.partial else k
             v = self._cache_point(v) if v in self.partial else v
             kv_rows = None
+        mask = site.mask
+        if site.mask_negated:  # masked_fill's condition says which columns to drop; the op takes which to keep
+            with self.graph.inserting_before(site.output):
+                mask = self.graph.call_function(torch.logical_not, (site.mask,))
+            with self.fake_mode:
+                mask.meta["example_value"] = torch.logical_not(tensor_meta(site.mask))
         qe, ke, ve = tensor_meta(site.q), tensor_meta(site.k), tensor_meta(site.v)
         i, dev = site.index, qe.device
         caches = [
@@ -144,7 +150,7 @@ class SaliencyRewrite:
         with self.graph.inserting_before(site.output):
             delta = self.graph.call_function(
                 ops.delta_attention.default,
-                (q, k, v, site.mask, kv_rows, self.query_rows, self.rows[-1], self.dense, *caches, self.stats, i,
+                (q, k, v, mask, kv_rows, self.query_rows, self.rows[-1], self.dense, *caches, self.stats, i,
                  site.scale, self.tau, self.exact_below, site.k_memory, site.v_memory, site.softcap or 0.0))
             out = self.graph.call_function(operator.getitem, (delta, 0))
             rows = self.graph.call_function(operator.getitem, (delta, 1))

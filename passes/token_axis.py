@@ -188,6 +188,8 @@ class TokenAxisAnalysis:
             if dim is not None and isinstance(repeats, int) and dim % out.dim() == a.token and self._one_row_axis(a):
                 return replace(a, expand=a.expand * repeats)
             return self._same_rank_if_dim_free(node, dim)
+        if name in ("scatter", "scatter_add", "scatter_reduce", "gather"):
+            return self._index_along(node, inputs, out)
         if name == "cat":
             return self._cat(node, out)
         if name == "stack":
@@ -382,6 +384,25 @@ class TokenAxisAnalysis:
             return replace(a, token=t, batch=-1)
         b = mapping.get(a.batch)
         return replace(a, token=t, batch=b) if isinstance(b, int) else None
+
+    def _index_along(self, node, inputs, out) -> Optional[RowAxes]:
+        """scatter(self, dim, index, src) / gather(input, dim, index) along an axis other than the row axes: row
+        (b, l) of the output reads row (b, l) of every operand (MoE gates: `zeros_like(logits).scatter(-1, i, w)`).
+        Operands that do not depend on the token input (`self` above) are constant per row."""
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if not isinstance(dim, int):
+            return None
+        dim %= out.dim()
+        axes = {self.axes[x] for x in inputs}
+        if len(axes) != 1 or any(tensor_meta(x) is None or tensor_meta(x).dim() != out.dim() for x in inputs):
+            return None
+        a = axes.pop()
+        if dim in (a.token, a.batch):
+            return None
+        row_axes = [d for d in (a.token, a.batch) if d >= 0]
+        if any(int(tensor_meta(x).shape[d]) != int(out.shape[d]) for x in inputs for d in row_axes):
+            return None  # an index with fewer rows than the output would leave rows to `self`
+        return a
 
     def _cat(self, node, out) -> Optional[RowAxes]:
         tensors = node.args[0]
