@@ -34,6 +34,7 @@ class AttentionSite:
     softcap: Optional[float] = None  # scores = softcap * tanh(scores / softcap) before the mask (Gemma 2)
     k_memory: Optional[fx.Node] = None  # keys = cat([k_memory, k]) along the token axis: a fixed memory
     v_memory: Optional[fx.Node] = None  # (an encoder's KV cache) before the sequence's own keys
+    mask_scale: float = 1.0  # the scores' scale factors outside the mask: softmax((q k^T + mask) * c) = c * mask
     mask_negated: bool = False  # `mask` is the bool fill condition of `masked_fill(scores, mask, -inf)`: True drops
 
     @property
@@ -143,6 +144,7 @@ def _match_handwritten(out: fx.Node) -> Optional[AttentionSite]:
         return None
     inner.append(p)
     s, mask, scale, softcap, negated = p.args[0], None, 1.0, None, False
+    mask_scale, mask_in_cap = 1.0, False
     while isinstance(s, fx.Node) and not _is_matmul(s):
         inner.append(s)
         name = op_name(s)
@@ -155,16 +157,19 @@ def _match_handwritten(out: fx.Node) -> Optional[AttentionSite]:
                 return None
             scores_first = _is_matmul(a) or op_name(a) in ("mul", "truediv", "div", "to", "float")
             s, mask = (a, b) if scores_first else (b, a)
+            mask_scale, mask_in_cap = scale, softcap is not None  # the scale found so far is applied to the mask too
         elif name in ("masked_fill", "masked_fill_") and isinstance(a, fx.Node) and _is_bool(b) and \
                 _drops_column(_arg(s, 2, "value")):  # scores.masked_fill(drop, -inf)
             if mask is not None:
                 return None
             (mask, negated), s = _bool_mask(b), a
+            mask_in_cap = softcap is not None
         elif name == "where" and len(s.args) == 3 and _is_bool(a) and isinstance(b, fx.Node) and \
                 _drops_column(s.args[2]):  # torch.where(keep, scores, -inf)
             if mask is not None:
                 return None
             mask, s = a, b
+            mask_in_cap = softcap is not None
         elif name in ("mul", "imul") and isinstance(b, (int, float)):
             scale, s = scale * b, a
         elif name in ("mul",) and isinstance(a, (int, float)):
@@ -184,8 +189,10 @@ def _match_handwritten(out: fx.Node) -> Optional[AttentionSite]:
         return None
     inner.append(kt)
     site = AttentionSite(-1, out, q, k, v, mask, float(scale), "matmul-softmax", inner=inner, softcap=softcap,
-                         mask_negated=negated)
-    if any(not _single_user(n) for n in inner if n is not kt):
+                         mask_negated=negated, mask_scale=float(mask_scale))
+    if mask_in_cap:
+        site.reason = "the mask is applied inside the soft-cap (c * tanh((scores + mask) / c)): apply it after"
+    elif any(not _single_user(n) for n in inner if n is not kt):
         site.reason = "the attention scores or probabilities are read elsewhere (e.g. returned)"
     return site
 

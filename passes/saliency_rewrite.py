@@ -139,6 +139,11 @@ class SaliencyRewrite:
                 mask = self.graph.call_function(torch.logical_not, (site.mask,))
             with self.fake_mode:
                 mask.meta["example_value"] = torch.logical_not(tensor_meta(site.mask))
+        elif site.mask_scale != 1.0:  # an additive mask inside the scores' scaling: (q k^T + mask) / sqrt(d)
+            with self.graph.inserting_before(site.output):
+                mask = self.graph.call_function(operator.mul, (site.mask, site.mask_scale))
+            with self.fake_mode:
+                mask.meta["example_value"] = tensor_meta(site.mask) * site.mask_scale
         qe, ke, ve = tensor_meta(site.q), tensor_meta(site.k), tensor_meta(site.v)
         i, dev = site.index, qe.device
         caches = [

@@ -405,3 +405,32 @@ def test_token_ids_are_found_when_the_model_reads_position_ids_first():
     generate(compiled, prompt, gen_length=8, steps=8, block_length=8, mask_id=96, attention_mask=real)
     (g,) = dyllm_fx.stats(model)
     assert (g.dense_steps, g.sparse_steps) == (4, 4)  # not a new sequence at every step
+
+
+class BiasInsideScale(torch.nn.Module):
+    """softmax((q k^T + bias) / sqrt(d)): a real-valued additive bias inside the scaling (ALiBi-like)."""
+
+    def __init__(self, d=8, vocab=20, length=8, softcap=None):
+        super().__init__()
+        self.emb, self.qkv, self.head = torch.nn.Embedding(vocab, d), torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, vocab)
+        self.register_buffer("bias", torch.randn(length, length, generator=torch.Generator().manual_seed(0)) * 3)
+        self.softcap = softcap
+
+    def forward(self, ids):
+        q, k, v = self.qkv(self.emb(ids)).unsqueeze(1).chunk(3, dim=-1)
+        s = q @ k.transpose(-2, -1) + self.bias
+        s = s / q.shape[-1] ** 0.5 if self.softcap is None else self.softcap * torch.tanh(s / self.softcap)
+        return self.head((torch.softmax(s, dim=-1) @ v).squeeze(1))
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_mask_inside_the_scaling_is_scaled_and_inside_a_softcap_stays_dense(softcap):
+    torch._dynamo.reset()
+    model = BiasInsideScale(softcap=softcap).eval()
+    ids = torch.randint(0, 19, (2, 8))
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=1.0, lowering="eager", dense_steps=1), dynamic=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the soft-capped case runs unchanged, with a warning
+        run_both(model, compiled, [ids, torch.where(torch.arange(8) == 5, 3, ids)])
+        (report,) = dyllm_fx.explain(model, ids)
+    assert report.sites[0].supported == (softcap is None), report.sites[0].reason
