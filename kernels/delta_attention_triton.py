@@ -12,7 +12,6 @@ additive fp32 mask indexed `[b, h, query, key]` through its strides (0 for broad
 `Lq != Lk` works in both kernels. `delta_attention_triton` runs one whole sparse step of the op (self-attention,
 `Lq == Lk`) without a host synchronisation.
 """
-import math
 from typing import Optional
 
 import torch
@@ -20,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .delta_attention import CANCELLATION_FLOOR
+from .delta_attention import CANCELLATION_FLOOR, _additive
 from .row_index import row_index
 from .saliency import saliency
 
@@ -201,14 +200,7 @@ def incremental_update(q, k_old, v_old, k_new, v_new, mask, rows, row_count, col
 
 def _additive_mask(mask: Optional[Tensor], B: int, H: int, Lq: int, Lk: int) -> Optional[Tensor]:
     """The mask as an fp32 additive tensor viewed as `[B, H, Lq, Lk]` (broadcast axes stride 0)."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, -math.inf)
-    mask = mask.to(torch.float32)
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
-    return mask.expand(B, H, Lq, Lk)
+    return None if mask is None else _additive(mask, B, Lq, Lk).expand(B, H, Lq, Lk)
 
 
 def delta_attention_triton(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache, ctx_cache,
