@@ -6,9 +6,7 @@ delta attention, every linear of the policy's classes gated); (b) at tau=0.99, d
 after the dense warm-up, every layer has sparse steps with a salient fraction below 1, and gated linears run on
 fewer rows than the sequence. A drawn model the rewrite cannot handle fails the test.
 """
-import importlib
 import warnings
-from unittest import mock
 
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -16,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import dyllm_fx
 from arch_zoo import ZooLM, architectures
 from dyllm_fx.passes.regions import POLICY_CLASSES
-from trajectories import logits_of, run_both, trajectory
+from trajectories import logits_of, rows_seen_by_sparse_linears, run_both, trajectory
 
 SPARSE_LENGTH, SPARSE_PROMPT, SPARSE_CALLS = 24, 6, 6
 
@@ -78,16 +76,7 @@ def sparse_below_one(data, arch, policy, exact_below):
     mask_id = model.config.mask_token_id
     ids = torch.full((batch, SPARSE_LENGTH), mask_id)
     ids[:, :SPARSE_PROMPT] = torch.randint(0, mask_id - 1, (batch, SPARSE_PROMPT))
-    rows_seen = []
-    kernel = importlib.import_module("dyllm_fx.kernels.sparse_rows_linear")
-    original = kernel.sparse_rows_linear_reference
-
-    def counting(x, weight, bias, rows, batch_axis, token_axis):
-        rows_seen.append((int(rows.sum()), rows.numel()))
-        return original(x, weight, bias, rows, batch_axis, token_axis)
-
-    with mock.patch.object(kernel, "sparse_rows_linear_reference", counting), torch.no_grad(), \
-            warnings.catch_warnings(record=True) as caught:
+    with rows_seen_by_sparse_linears() as rows_seen, torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for pos in range(SPARSE_PROMPT, SPARSE_PROMPT + SPARSE_CALLS):  # one token per row and step
             logits_of(compiled(ids, **kwargs))

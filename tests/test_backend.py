@@ -1,5 +1,4 @@
 """The dyllm backend: exact at tau=1.0 over denoising trajectories, sparse below, state rules, options."""
-import importlib
 import warnings
 
 import pytest
@@ -8,7 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dyllm_fx
 from dyllm_fx.models import dream_like, llada_like, tiny_dllm
-from trajectories import logits_of, run_both, trajectory
+from trajectories import logits_of, rows_seen_by_sparse_linears, run_both, trajectory
 from dyllm_fx.report import where
 
 FAST = dict(lowering="eager", dense_steps=1)
@@ -71,20 +70,12 @@ def _decode_steps(model, compiled, length=24, batch=2, n=10):
 
 
 @pytest.mark.parametrize("policy", ["paper", "full"])
-def test_below_one_the_graph_is_sparse(policy, monkeypatch):
+def test_below_one_the_graph_is_sparse(policy):
     torch._dynamo.reset()
-    seen = []
-    mod = importlib.import_module("dyllm_fx.kernels.sparse_rows_linear")
-    original = mod.sparse_rows_linear_reference
-
-    def counting(x, weight, bias, rows, batch_axis, token_axis):
-        seen.append((int(rows.sum()), rows.numel()))
-        return original(x, weight, bias, rows, batch_axis, token_axis)
-
-    monkeypatch.setattr(mod, "sparse_rows_linear_reference", counting)
     model = llada_like(num_layers=2, hidden_size=32, num_heads=4, vocab_size=97)
     compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, policy=policy, lowering="eager"), dynamic=False)
-    _decode_steps(model, compiled)
+    with rows_seen_by_sparse_linears() as seen:
+        _decode_steps(model, compiled)
     (g,) = dyllm_fx.stats(model)
     assert g.dense_steps == 4 and g.sparse_steps == 6
     assert (g.salient[~g.dense_mask] < 1).all()

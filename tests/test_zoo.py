@@ -4,7 +4,6 @@ replaced by delta attention, every K/V and MLP linear gated),
 and sparse below tau=1. A model the rewrite cannot handle fails here; it is not skipped."""
 import copy
 import functools
-import importlib
 import warnings
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 import dyllm_fx
 from dyllm_fx import zoo
 from dyllm_fx.models import MODELS
+from trajectories import rows_seen_by_sparse_linears
 
 NAMES = list(zoo.ZOO)
 WITH_REAL = NAMES + [pytest.param("smollm2_dream", marks=pytest.mark.slow)]
@@ -127,21 +127,12 @@ def test_tau_one_reproduces_eager_and_rewrites(name, policy, exact_below):
 
 
 @pytest.mark.parametrize("name", WITH_REAL)
-def test_below_one_the_graph_is_sparse(name, monkeypatch):
+def test_below_one_the_graph_is_sparse(name):
     torch._dynamo.reset()
-    rows_seen = []
-    mod = importlib.import_module("dyllm_fx.kernels.sparse_rows_linear")
-    original = mod.sparse_rows_linear_reference
-
-    def counting(x, weight, bias, rows, batch_axis, token_axis):
-        rows_seen.append((int(rows.sum()), rows.numel()))
-        return original(x, weight, bias, rows, batch_axis, token_axis)
-
-    monkeypatch.setattr(mod, "sparse_rows_linear_reference", counting)
     model = fresh(name)
     compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, lowering="eager", dense_steps=2, policy="paper"),
                              dynamic=False)
-    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad(), rows_seen_by_sparse_linears() as rows_seen:
         warnings.simplefilter("always")
         for ids in trajectory(name, model.config.mask_token_id, steps=7, per_step=(1,)):
             logits(compiled, name, ids)

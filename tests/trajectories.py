@@ -3,6 +3,10 @@
 Imported as a top-level module (`from trajectories import ...`): pytest's default `prepend` import mode puts
 this folder on `sys.path` for the test files in it (there is no `tests/__init__.py`).
 """
+import contextlib
+import importlib
+from unittest import mock
+
 import torch
 from hypothesis import strategies as st
 
@@ -40,3 +44,19 @@ def run_both(model, compiled, steps, atol=1e-4, **kwargs):
             diff = (ref - out).abs().max().item()
             assert diff <= atol, f"step {i}: max |eager - compiled| = {diff:.3g} > {atol}"
             assert torch.equal(ref.argmax(-1), out.argmax(-1)), f"step {i}: argmax differs"
+
+
+@contextlib.contextmanager
+def rows_seen_by_sparse_linears():
+    """Yields a list that receives `(selected rows, all rows)` for every `sparse_rows_linear` call (reference
+    path) made inside the block."""
+    seen = []
+    kernel = importlib.import_module("dyllm_fx.kernels.sparse_rows_linear")
+    original = kernel.sparse_rows_linear_reference
+
+    def counting(x, weight, bias, rows, batch_axis, token_axis):
+        seen.append((int(rows.sum()), rows.numel()))
+        return original(x, weight, bias, rows, batch_axis, token_axis)
+
+    with mock.patch.object(kernel, "sparse_rows_linear_reference", counting):
+        yield seen
