@@ -22,6 +22,29 @@ from torch import Tensor
 from .delta_attention import CANCELLATION_FLOOR, _additive
 from .row_index import row_index
 from .saliency import saliency
+from .triton_dot import dot
+
+
+@triton.jit
+def _tile(COUNT, H, G, BLOCK_M: tl.constexpr):
+    """This program's batch, head, key/value head, the batch's row count and the first index slot of its tile."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    return b, h, h // G, tl.load(COUNT + b), tl.program_id(1) * BLOCK_M
+
+
+@triton.jit
+def _query_rows(Q, INDEX, b, h, first, count, Lq, D, sqb, sqh, sql, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The tile's index slots: (valid, query rows, head-dim offsets, their mask, the fp32 queries [BLOCK_M, BLOCK_D])."""
+    slots = first + tl.arange(0, BLOCK_M)
+    valid = slots < count
+    rows = tl.load(INDEX + b * Lq + slots, mask=valid, other=0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sql + offs_d[None, :],
+                mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    return valid, rows, offs_d, d_ok, q
 
 
 @triton.jit
@@ -31,21 +54,10 @@ def _rows_attention_kernel(
     HAS_MASK: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
-    hk = h // G
-    count = tl.load(COUNT + b)
-    first = tl.program_id(1) * BLOCK_M
+    b, h, hk, count, first = _tile(COUNT, H, G, BLOCK_M)
     if first >= count:
         return
-    slots = first + tl.arange(0, BLOCK_M)
-    valid = slots < count
-    rows = tl.load(INDEX + b * Lq + slots, mask=valid, other=0).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sql + offs_d[None, :],
-                mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    valid, rows, offs_d, d_ok, q = _query_rows(Q, INDEX, b, h, first, count, Lq, D, sqb, sqh, sql, BLOCK_M, BLOCK_D)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -55,10 +67,7 @@ def _rows_attention_kernel(
         kv_ok = c_ok[:, None] & d_ok[None, :]
         k = tl.load(K + b * skb + hk * skh + cols[:, None] * skl + offs_d[None, :], mask=kv_ok, other=0.0)
         v = tl.load(V + b * svb + hk * svh + cols[:, None] * svl + offs_d[None, :], mask=kv_ok, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k.to(tl.float32))) * scale
+        s = dot(q, tl.trans(k.to(tl.float32)), IEEE) * scale
         if HAS_MASK:
             s += tl.load(MASK + b * smb + h * smh + rows[:, None] * smq + cols[None, :] * smk,
                          mask=valid[:, None] & c_ok[None, :], other=0.0)
@@ -68,10 +77,7 @@ def _rows_attention_kernel(
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32))
+        acc = acc * alpha[:, None] + dot(p, v.to(tl.float32), IEEE)
         m_i = m_new
     ctx = acc / l_i[:, None]
     tl.store(CTX + b * scb + h * sch + rows[:, None] * scl + offs_d[None, :], ctx, mask=valid[:, None] & d_ok[None, :])
@@ -87,21 +93,10 @@ def _incremental_kernel(
     HAS_MASK: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
-    hk = h // G
-    count = tl.load(ROW_COUNT + b)
-    first = tl.program_id(1) * BLOCK_M
+    b, h, hk, count, first = _tile(ROW_COUNT, H, G, BLOCK_M)
     if first >= count:
         return
-    slots = first + tl.arange(0, BLOCK_M)
-    valid = slots < count
-    rows = tl.load(ROWS + b * Lq + slots, mask=valid, other=0).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sql + offs_d[None, :],
-                mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    valid, rows, offs_d, d_ok, q = _query_rows(Q, ROWS, b, h, first, count, Lq, D, sqb, sqh, sql, BLOCK_M, BLOCK_D)
     m_i = tl.load(LSE + b * slb + h * slh + rows, mask=valid, other=0.0)  # running max, starts at the old lse
     base = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)  # exp(lse_old - m_i): the old softmax mass
     sum_old = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -118,12 +113,8 @@ def _incremental_kernel(
         v_old = tl.load(V_OLD + b * spb + hk * sph + cols[:, None] * spl + offs_d[None, :], mask=kv_ok, other=0.0)
         k_new = tl.load(K_NEW + b * snb + hk * snh + cols[:, None] * snl + offs_d[None, :], mask=kv_ok, other=0.0)
         v_new = tl.load(V_NEW + b * swb + hk * swh + cols[:, None] * swl + offs_d[None, :], mask=kv_ok, other=0.0)
-        if IEEE:
-            s_old = tl.dot(q, tl.trans(k_old.to(tl.float32)), input_precision="ieee") * scale
-            s_new = tl.dot(q, tl.trans(k_new.to(tl.float32)), input_precision="ieee") * scale
-        else:
-            s_old = tl.dot(q, tl.trans(k_old.to(tl.float32))) * scale
-            s_new = tl.dot(q, tl.trans(k_new.to(tl.float32))) * scale
+        s_old = dot(q, tl.trans(k_old.to(tl.float32)), IEEE) * scale
+        s_new = dot(q, tl.trans(k_new.to(tl.float32)), IEEE) * scale
         if HAS_MASK:
             bias = tl.load(MASK + b * smb + h * smh + rows[:, None] * smq + cols[None, :] * smk,
                            mask=valid[:, None] & j_ok[None, :], other=0.0)
@@ -138,12 +129,8 @@ def _incremental_kernel(
         base = base * alpha
         sum_old = sum_old * alpha + tl.sum(p_old, axis=1)
         sum_new = sum_new * alpha + tl.sum(p_new, axis=1)
-        if IEEE:
-            acc_old = acc_old * alpha[:, None] + tl.dot(p_old, v_old.to(tl.float32), input_precision="ieee")
-            acc_new = acc_new * alpha[:, None] + tl.dot(p_new, v_new.to(tl.float32), input_precision="ieee")
-        else:
-            acc_old = acc_old * alpha[:, None] + tl.dot(p_old, v_old.to(tl.float32))
-            acc_new = acc_new * alpha[:, None] + tl.dot(p_new, v_new.to(tl.float32))
+        acc_old = acc_old * alpha[:, None] + dot(p_old, v_old.to(tl.float32), IEEE)
+        acc_new = acc_new * alpha[:, None] + dot(p_new, v_new.to(tl.float32), IEEE)
         m_i = m_new
     rest = base - sum_old
     den = rest + sum_new

@@ -17,6 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .dispatch import interpreted
+from .triton_dot import dot
 
 ACTIVATIONS = {None: 0, "silu": 1, "gelu": 2, "relu2": 3}
 
@@ -61,18 +62,12 @@ def _sparse_rows_linear_kernel(
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(x, w, input_precision="ieee")
-        else:
-            acc += tl.dot(x, w)
+        acc += dot(x, w, IEEE)
         if GATED:
             w2 = tl.load(W2 + w_ptrs, mask=w_ok, other=0.0)
             if UPCAST:
                 w2 = w2.to(tl.float32)
-            if IEEE:
-                acc2 += tl.dot(x, w2, input_precision="ieee")
-            else:
-                acc2 += tl.dot(x, w2)
+            acc2 += dot(x, w2, IEEE)
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if GATED:

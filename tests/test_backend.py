@@ -179,9 +179,9 @@ class NoAttention(torch.nn.Module):
         return self.fc(torch.relu(self.emb(ids)))
 
 
-def test_model_without_attention_runs_unchanged_with_one_warning():
+def run_twice_compiled(model):
+    """(the dyllm warnings of two compiled calls, the first call's output, the model's own output)."""
     torch._dynamo.reset()
-    model = NoAttention().eval()
     compiled = torch.compile(model, backend=dyllm_fx.backend(lowering="eager"), dynamic=False)
     ids = torch.randint(0, 20, (2, 5))
     with warnings.catch_warnings(record=True) as caught:
@@ -189,9 +189,14 @@ def test_model_without_attention_runs_unchanged_with_one_warning():
         with torch.no_grad():
             out = compiled(ids)
             compiled(ids)
-    dyllm_warnings = [w for w in caught if "dyllm" in str(w.message)]
+            ref = model(ids)
+    return [w for w in caught if "dyllm" in str(w.message)], out, ref
+
+
+def test_model_without_attention_runs_unchanged_with_one_warning():
+    dyllm_warnings, out, ref = run_twice_compiled(NoAttention().eval())
     assert len(dyllm_warnings) == 1 and "no attention" in str(dyllm_warnings[0].message)
-    assert torch.allclose(out, model(ids))
+    assert torch.allclose(out, ref)
 
 
 def test_entry_point_registers_backend():
@@ -338,18 +343,9 @@ class CausalOnly(torch.nn.Module):
 
 
 def test_causal_only_model_runs_unchanged_with_one_warning_naming_the_fix():
-    torch._dynamo.reset()
-    model = CausalOnly().eval()
-    compiled = torch.compile(model, backend=dyllm_fx.backend(lowering="eager"), dynamic=False)
-    ids = torch.randint(0, 20, (2, 5))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with torch.no_grad():
-            out = compiled(ids)
-            compiled(ids)
-    (w,) = [w for w in caught if "dyllm" in str(w.message)]
+    (w,), out, ref = run_twice_compiled(CausalOnly().eval())
     assert "causal" in str(w.message) and "is_causal" in str(w.message)
-    assert torch.equal(out, model(ids))
+    assert torch.equal(out, ref)
 
 
 class CausalThenBidirectional(torch.nn.Module):
