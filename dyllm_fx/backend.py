@@ -84,6 +84,20 @@ def _static_fakes(tensors) -> list:
     return [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
 
 
+def _allow_data_dependent_sizes(example_inputs) -> None:
+    """Lets the compiler trace `select_rows` (an output size that depends on data) in this graph: Dynamo
+    allows such ops only under `fullgraph=True` or `capture_dynamic_output_shape_ops`, a setting of the
+    graph's ShapeEnv that the rewrite, not the user's code, needs."""
+    import dataclasses
+
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode(example_inputs)
+    shape_env = getattr(fake_mode, "shape_env", None)
+    if shape_env is not None and not shape_env.allow_dynamic_output_shape_ops:
+        shape_env.settings = dataclasses.replace(shape_env.settings, allow_dynamic_output_shape_ops=True)
+
+
 class SourceKey(CustomGraphPass):
     """A post-grad pass that does nothing but key Inductor's FX-graph cache on this package's sources:
     a cached graph compiled against other versions of our ops (fake impls, layouts) is never reused."""
@@ -115,6 +129,7 @@ class CompiledGraph:
         self.report = Report(options)
         self.state: Optional[SequenceState] = None
         self.linears, self.sites, self.analysis = [], [], None
+        self.compact = False
         self.compiled = self._build(gm, list(example_inputs))
         LIVE_GRAPHS.add(self)
 
@@ -123,6 +138,8 @@ class CompiledGraph:
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
 
+        if self.compact:
+            _allow_data_dependent_sizes(example_inputs)
         patches = dict(torch._inductor.list_mode_options(self.mode)) if self.mode else {}
         patches["post_grad_custom_post_pass"] = SourceKey()
         return compile_fx(gm, example_inputs, config_patches=patches)
@@ -175,8 +192,9 @@ class CompiledGraph:
         r_sites = find_attention(rewritten, r_analysis)
         r_linears = plan_linears(rewritten, r_analysis, r_sites, self.options.policy)
         device = example_inputs[token_index].device
+        self.compact = self.options.compact(device)
         result = SaliencyRewrite(rewritten, r_analysis, r_sites, r_linears, self.options.tau,
-                                 self.options.exact_below(device)).run()
+                                 self.options.exact_below(device), self.compact).run()
         self.report.cache_points = result.cache_points
         others = [i for i, (n, e) in enumerate(zip(placeholders, example_inputs))
                   if i != token_index and _is_user_input(n, e)]

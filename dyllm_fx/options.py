@@ -17,7 +17,10 @@ class Options:
     `mask_id`: the [MASK] token id; enables response-only query rows with a prompt pass every
     `prompt_period` steps, and detects a new sequence when a non-mask token changes.
     `exact_attention_below`: up to this key length, attention recomputes every query row exactly (one
-    SDPA call) instead of the incremental update; None: 256 on CPU, 0 on GPU."""
+    SDPA call) instead of the incremental update; None: 256 on CPU, 0 on GPU.
+    `compact_rows`: run each gated region on its rows alone (data-dependent sizes: the CPU path) instead of
+    on full-size tensors under a row mask (static shapes, no host synchronisation: the GPU path); None: True
+    on CPU, False on GPU."""
 
     tau: float = 0.99
     dense_steps: int = 4
@@ -26,6 +29,7 @@ class Options:
     mask_id: Optional[int] = None
     prompt_period: int = 4
     exact_attention_below: Optional[int] = None
+    compact_rows: Optional[bool] = None
 
     def __post_init__(self):
         def bad(key, why):
@@ -45,6 +49,8 @@ class Options:
                 isinstance(self.exact_attention_below, bool) or not isinstance(self.exact_attention_below, int)
                 or self.exact_attention_below < 0):
             bad("exact_attention_below", "must be None or an int >= 0")
+        if self.compact_rows is not None and not isinstance(self.compact_rows, bool):
+            bad("compact_rows", "must be None, True or False")
         if isinstance(self.prompt_period, bool) or not isinstance(self.prompt_period, int) or self.prompt_period < 1:
             bad("prompt_period", "must be an int >= 1")
 
@@ -52,6 +58,11 @@ class Options:
         if self.exact_attention_below is not None:
             return self.exact_attention_below
         return 256 if torch.device(device).type == "cpu" else 0
+
+    def compact(self, device) -> bool:
+        if self.compact_rows is not None:
+            return self.compact_rows
+        return torch.device(device).type == "cpu"
 
     @classmethod
     def from_dict(cls, options: Optional[dict]) -> "Options":

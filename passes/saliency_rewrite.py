@@ -6,6 +6,13 @@ depend on the token input). A partial tensor may feed another gated linear of th
 key/value of the next attention (whose K/V cache takes exactly those rows). Anywhere else (a residual
 add with a full tensor, a query, a graph output, an op that mixes rows) it goes through a *cache
 point*: `row_update_` writes its valid rows into a cache and the consumer reads the cache.
+
+Two representations of a partial tensor (`compact`, chosen per device by `Options.compact`):
+- masked (GPU): full-size, valid on the region's rows; gated linears are `sparse_rows_linear` over the
+  `[B, L]` row mask (static shapes: no host synchronisation, CUDA-graph safe);
+- compact (CPU): only the region's rows (`kernels/compact_rows.py`, `passes/compact_rows.py`); the region's
+  index is computed once (`select_rows`), full inputs are gathered once per gated linear, and the row-wise
+  ops between gated linears run on the rows alone. Cache points write with `put_rows_`.
 """
 import operator
 from dataclasses import dataclass, field
@@ -15,8 +22,10 @@ import torch
 from torch import fx
 
 from dyllm_fx import kernels  # noqa: F401  (registers torch.ops.dyllm)
+from dyllm_fx.kernels import compact_rows
 
 from .attention import AttentionSite
+from .compact_rows import CompactOps
 from .regions import LinearSite
 from .token_axis import TokenAxisAnalysis, tensor_meta
 
@@ -41,7 +50,7 @@ class RewriteResult:
 
 class SaliencyRewrite:
     def __init__(self, gm: fx.GraphModule, analysis: TokenAxisAnalysis, sites: list[AttentionSite],
-                 linears: list[LinearSite], tau: float, exact_below: int):
+                 linears: list[LinearSite], tau: float, exact_below: int, compact: bool = False):
         self.gm, self.graph, self.analysis = gm, gm.graph, analysis
         self.sites, self.tau, self.exact_below = [s for s in sites if s.supported], tau, exact_below
         self.n_sites = len(sites)  # stats rows are indexed by site index, supported or not
@@ -52,6 +61,8 @@ class SaliencyRewrite:
         self.fake_mode = next(tensor_meta(n).fake_mode for n in self.graph.nodes
                               if tensor_meta(n) is not None and hasattr(tensor_meta(n), "fake_mode"))
         self._last_placeholder = list(self.graph.find_nodes(op="placeholder"))[-1]
+        self.compact = CompactOps(self.graph, analysis) if compact else None
+        self.index: dict[int, tuple[fx.Node, fx.Node]] = {}  # region -> (row index, its length)
 
     # -- graph inputs the runtime owns -------------------------------------------------------------
     def _input(self, name, shape, dtype, role, device) -> fx.Node:
@@ -67,14 +78,27 @@ class SaliencyRewrite:
 
     def _cache_point(self, node: fx.Node) -> fx.Node:
         if node not in self.cache_of:
-            ex, axes = tensor_meta(node), self.analysis.axes[node]
+            ex, axes, region = tensor_meta(node), self.analysis.axes[node], self.partial[node]
             cache = self._input(f"cache_{node.name}", tuple(ex.shape), ex.dtype, "cache", ex.device)
             with self.graph.inserting_after(node):
-                self.graph.call_function(ops.row_update_.default,
-                                         (cache, node, self.rows[self.partial[node]], axes.batch, axes.token))
+                if self.compact:
+                    self.graph.call_function(ops.put_rows_.default,
+                                             (cache, self.index[region][0], node, axes.batch, axes.token))
+                else:
+                    self.graph.call_function(ops.row_update_.default,
+                                             (cache, node, self.rows[region], axes.batch, axes.token))
             self.cache_of[node] = cache
-            self.result.cache_points.append((node.name, self.partial[node]))
+            self.result.cache_points.append((node.name, region))
         return self.cache_of[node]
+
+    def _index(self, region: int, before: fx.Node) -> tuple[fx.Node, fx.Node]:
+        """The region's row index and its length, computed once, before its first user."""
+        if region not in self.index:
+            with self.graph.inserting_before(before):
+                index = self.graph.call_function(ops.select_rows.default, (self.rows[region],))
+                count = self.graph.call_method("size", (index, 0))
+            self.index[region] = index, count
+        return self.index[region]
 
     def _use_cache(self, consumer: fx.Node, node: fx.Node) -> None:
         consumer.replace_input_with(node, self._cache_point(node))
@@ -115,11 +139,16 @@ class SaliencyRewrite:
         region = self.gated[node]
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        axes = self.analysis.axes[node.args[0]]
         if x in self.partial and self.partial[x] != region:
             x = self._cache_point(x)
-        axes = self.analysis.axes[node.args[0]]
-        node.target = ops.sparse_rows_linear.default
-        node.args, node.kwargs = (x, w, b, self.rows[region], axes.batch, axes.token), {}
+        if self.compact:
+            if x not in self.partial:
+                x = self.compact.take(x, axes, self._index(region, node)[0], node)
+            node.target, node.args, node.kwargs = compact_rows.rows_linear, (x, w, b), {}
+        else:
+            node.target = ops.sparse_rows_linear.default
+            node.args, node.kwargs = (x, w, b, self.rows[region], axes.batch, axes.token), {}
         self.partial[node] = region
 
     def _delta_attention(self, site: AttentionSite) -> None:
@@ -129,6 +158,8 @@ class SaliencyRewrite:
         regions = {self.partial.get(k), self.partial.get(v)}
         if len(regions) == 1 and None not in regions:
             kv_rows = self.rows[regions.pop()]
+            if self.compact:  # the op takes full-size K/V: their caches, fresh on the region's rows
+                k, v = self._cache_point(k), self._cache_point(v)
         else:
             k = self._cache_point(k) if k in self.partial else k
             v = self._cache_point(v) if v in self.partial else v
@@ -170,7 +201,9 @@ class SaliencyRewrite:
         regions = {self.partial[a] for a in partial_inputs}
         full_varying = [a for a in node.all_input_nodes if a in self.analysis.varying and a not in self.partial]
         if node in self.analysis.rowwise and len(regions) == 1 and not full_varying:
-            self.partial[node] = regions.pop()
-            return
+            region = regions.pop()
+            if not self.compact or self.compact.rewrite(node, set(partial_inputs), *self.index[region]):
+                self.partial[node] = region
+                return
         for a in partial_inputs:
             self._use_cache(node, a)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import dyllm_fx
 from arch_zoo import ZooLM, architectures
 from dyllm_fx.passes.regions import POLICY_CLASSES
-from trajectories import logits_of, rows_seen_by_sparse_linears, run_both, trajectory
+from trajectories import logits_of, rows_seen_by_gated_linears, run_both, trajectory
 
 SPARSE_LENGTH, SPARSE_PROMPT, SPARSE_CALLS = 24, 6, 6
 
@@ -76,7 +76,7 @@ def sparse_below_one(data, arch, policy, exact_below):
     mask_id = model.config.mask_token_id
     ids = torch.full((batch, SPARSE_LENGTH), mask_id)
     ids[:, :SPARSE_PROMPT] = torch.randint(0, mask_id - 1, (batch, SPARSE_PROMPT))
-    with rows_seen_by_sparse_linears() as rows_seen, torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+    with rows_seen_by_gated_linears() as rows_seen, torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for pos in range(SPARSE_PROMPT, SPARSE_PROMPT + SPARSE_CALLS):  # one token per row and step
             logits_of(compiled(ids, **kwargs))

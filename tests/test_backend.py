@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dyllm_fx
 from dyllm_fx.models import dream_like, llada_like, tiny_dllm
-from trajectories import logits_of, rows_seen_by_sparse_linears, run_both, trajectory
+from trajectories import logits_of, rows_seen_by_gated_linears, run_both, trajectory
 from dyllm_fx.report import where
 
 FAST = dict(lowering="eager", dense_steps=1)
@@ -32,7 +32,7 @@ def test_tau_one_reproduces_eager_over_trajectories(data):
     model = build(kind, draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3)),
                   draw(st.sampled_from([4, 6, 8])), draw(st.integers(0, 9)))
     options = dict(FAST, tau=1.0, policy=draw(st.sampled_from(["paper", "full"])),
-                   exact_attention_below=draw(st.sampled_from([0, 256])))
+                   exact_attention_below=draw(st.sampled_from([0, 256])), compact_rows=draw(st.booleans()))
     compiled = torch.compile(model, backend=dyllm_fx.backend(**options), dynamic=False)
     steps = trajectory(draw, draw(st.integers(1, 3)), draw(st.integers(6, 14)), model.config.mask_token_id)
     run_both(model, compiled, steps)
@@ -41,11 +41,12 @@ def test_tau_one_reproduces_eager_over_trajectories(data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,policy,exact_below", [("llada", "full", 0), ("tiny", "paper", 0), ("dream", "paper", 256)])
-def test_tau_one_reproduces_eager_under_inductor(kind, policy, exact_below):
+@pytest.mark.parametrize("kind,policy,exact_below,compact", [
+    ("llada", "full", 0, True), ("tiny", "paper", 0, True), ("dream", "paper", 256, True), ("dream", "full", 0, False)])
+def test_tau_one_reproduces_eager_under_inductor(kind, policy, exact_below, compact):
     torch._dynamo.reset()
     model = build(kind, 2, 2, 2, 8, 0)
-    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=1.0, policy=policy, dense_steps=1,
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=1.0, policy=policy, dense_steps=1, compact_rows=compact,
                                                              exact_attention_below=exact_below), dynamic=False)
     mask_id = model.config.mask_token_id
     ids = torch.full((2, 10), mask_id)
@@ -74,7 +75,7 @@ def test_below_one_the_graph_is_sparse(policy):
     torch._dynamo.reset()
     model = llada_like(num_layers=2, hidden_size=32, num_heads=4, vocab_size=97)
     compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, policy=policy, lowering="eager"), dynamic=False)
-    with rows_seen_by_sparse_linears() as seen:
+    with rows_seen_by_gated_linears() as seen:
         _decode_steps(model, compiled)
     (g,) = dyllm_fx.stats(model)
     assert g.dense_steps == 4 and g.sparse_steps == 6
@@ -158,6 +159,7 @@ def test_two_compiled_models_do_not_share_state():
     ({"lowering": "cuda"}, "lowering"),
     ({"dense_steps": 0}, "dense_steps"),
     ({"mask_id": -1}, "mask_id"),
+    ({"compact_rows": 1}, "compact_rows"),
 ])
 def test_option_validation(options, match):
     with pytest.raises(ValueError, match=match):

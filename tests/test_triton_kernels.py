@@ -227,7 +227,8 @@ def test_backend_through_the_triton_kernels_reproduces_eager(policy, monkeypatch
     torch._dynamo.reset()
     model = dream_like(hidden_size=32, num_layers=2, num_kv_heads=2, gqa_ratio=2, head_dim=8, vocab_size=61).to(DEVICE)
     compiled = torch.compile(model, backend=dyllm_fx.backend(tau=1.0, policy=policy, lowering="eager", dense_steps=1,
-                                                             exact_attention_below=0), dynamic=False)
+                                                             exact_attention_below=0, compact_rows=False),
+                             dynamic=False)  # the masked rows: the GPU path, whose kernels these are
     mask_id = model.config.mask_token_id
     ids = torch.full((2, 12), mask_id, device=DEVICE)
     ids[:, :4] = torch.arange(8, device=DEVICE).view(2, 4)

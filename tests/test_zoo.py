@@ -12,7 +12,7 @@ import torch
 import dyllm_fx
 from dyllm_fx import zoo
 from dyllm_fx.models import MODELS
-from trajectories import rows_seen_by_sparse_linears
+from trajectories import rows_seen_by_gated_linears
 
 NAMES = list(zoo.ZOO)
 WITH_REAL = NAMES + [pytest.param("smollm2_dream", marks=pytest.mark.slow)]
@@ -132,7 +132,7 @@ def test_below_one_the_graph_is_sparse(name):
     model = fresh(name)
     compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, lowering="eager", dense_steps=2, policy="paper"),
                              dynamic=False)
-    with warnings.catch_warnings(record=True) as caught, torch.no_grad(), rows_seen_by_sparse_linears() as rows_seen:
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad(), rows_seen_by_gated_linears() as rows_seen:
         warnings.simplefilter("always")
         for ids in trajectory(name, model.config.mask_token_id, steps=7, per_step=(1,)):
             logits(compiled, name, ids)

@@ -47,16 +47,23 @@ def run_both(model, compiled, steps, atol=1e-4, **kwargs):
 
 
 @contextlib.contextmanager
-def rows_seen_by_sparse_linears():
-    """Yields a list that receives `(selected rows, all rows)` for every `sparse_rows_linear` call (reference
-    path) made inside the block."""
+def rows_seen_by_gated_linears():
+    """Yields a list that receives `(selected rows, all rows)` for every row set a gated linear ran on inside
+    the block: each `sparse_rows_linear` call (masked rows, reference path) and each region's `select_rows`
+    (compact rows: every gated linear of the region runs on these)."""
     seen = []
-    kernel = importlib.import_module("dyllm_fx.kernels.sparse_rows_linear")
-    original = kernel.sparse_rows_linear_reference
+    masked = importlib.import_module("dyllm_fx.kernels.sparse_rows_linear")
+    compact = importlib.import_module("dyllm_fx.kernels.compact_rows")
+    sparse_rows_linear, flat_index = masked.sparse_rows_linear_reference, compact.flat_index
 
-    def counting(x, weight, bias, rows, batch_axis, token_axis):
+    def counting_linear(x, weight, bias, rows, batch_axis, token_axis):
         seen.append((int(rows.sum()), rows.numel()))
-        return original(x, weight, bias, rows, batch_axis, token_axis)
+        return sparse_rows_linear(x, weight, bias, rows, batch_axis, token_axis)
 
-    with mock.patch.object(kernel, "sparse_rows_linear_reference", counting):
+    def counting_index(rows):
+        seen.append((int(rows.sum()), rows.numel()))
+        return flat_index(rows)
+
+    with mock.patch.object(masked, "sparse_rows_linear_reference", counting_linear), \
+            mock.patch.object(compact, "flat_index", counting_index):
         yield seen

@@ -1,0 +1,83 @@
+"""Compact rows: a row set as an index, and tensors holding only those rows (the CPU path of the rewrite).
+
+`select_rows(rows)` turns a bool `[B, L]` row mask into the flat row index `b * L + l` of its set rows
+(ascending; a data-dependent size, an unbacked size to the compiler). A *compact* tensor keeps the rank
+and axis order of its full counterpart, with the batch axis of size 1 and the token axis of size `n`
+(the index length); when batch and token share one flat axis (or `B == 1`), that axis has size `n`.
+Row-wise ops run on compact tensors unchanged, so a region's pointwise work, norms and matmuls all shrink
+with `n`, and Inductor compiles the gathers and the region's pointwise ops into its own kernels.
+
+- `take_rows(t, index, batch_axis, token_axis)`: the compact tensor of a full one (a gather).
+- `rows_linear(x, weight, bias)`: a linear on a compact tensor, exact against the dense one on CPU.
+- `put_rows_(cache, index, values, batch_axis, token_axis)`: writes a compact tensor into the rows of its
+  full-size cache (a custom op: the write happens in place, also under Inductor).
+
+Axes as in `row_layout.py`: `batch_axis == token_axis` for one flat `B * L` axis, -1 when `B == 1`.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .sparse_rows_linear import MIN_ROWS
+
+
+def flat_index(rows: Tensor) -> Tensor:
+    return rows.reshape(-1).nonzero().squeeze(1)
+
+
+@torch.library.custom_op("dyllm::select_rows", mutates_args=())
+def select_rows(rows: Tensor) -> Tensor:
+    return flat_index(rows)
+
+
+@select_rows.register_fake
+def _(rows):
+    n = torch.library.get_ctx().new_dynamic_size(max=rows.numel())
+    return rows.new_empty(n, dtype=torch.int64)
+
+
+def take_rows(t: Tensor, index: Tensor, batch_axis: int, token_axis: int) -> Tensor:
+    """The rows `index` of the full tensor `t`, as a compact tensor."""
+    if batch_axis == token_axis or batch_axis < 0:
+        return t.index_select(token_axis, index)
+    B, L = t.shape[batch_axis], t.shape[token_axis]
+    rows_first = t.movedim((batch_axis, token_axis), (0, 1))
+    flat = rows_first.reshape(B * L, *rows_first.shape[2:]).index_select(0, index)
+    return flat.unsqueeze(0).movedim((0, 1), (batch_axis, token_axis))
+
+
+def take_token_rows(t: Tensor, index: Tensor, token_axis: int, length: int) -> Tensor:
+    """Rows of a tensor that has the token axis but no batch axis (positions' cos/sin: same for every
+    sequence): row `b * L + l` reads token `l`."""
+    return t.index_select(token_axis, index % length)
+
+
+def rows_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """`F.linear` on a compact tensor. CPU BLAS computes a GEMM of fewer than `MIN_ROWS` rows in another
+    summation order (see `sparse_rows_linear.py`); `MIN_ROWS` zero rows appended give every row the dense
+    GEMM's result, whatever the row count."""
+    flat = x.reshape(-1, x.shape[-1])
+    padded = torch.cat([flat, flat.new_zeros(MIN_ROWS, flat.shape[-1])])
+    y = F.linear(padded, weight, bias).narrow(0, 0, flat.shape[0])
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("dyllm::put_rows_", mutates_args={"cache"})
+def put_rows_(cache: Tensor, index: Tensor, values: Tensor, batch_axis: int, token_axis: int) -> None:
+    if batch_axis == token_axis or batch_axis < 0:
+        cache.index_copy_(token_axis, index, values.to(cache.dtype))
+        return
+    rows_first = cache.movedim((batch_axis, token_axis), (0, 1))
+    new = values.to(cache.dtype).movedim((batch_axis, token_axis), (0, 1)).flatten(0, 1)
+    if rows_first.is_contiguous():
+        rows_first.view(-1, *rows_first.shape[2:]).index_copy_(0, index, new)
+    else:
+        L = cache.shape[token_axis]
+        rows_first[index // L, index % L] = new
+
+
+@put_rows_.register_fake
+def _(cache, index, values, batch_axis, token_axis):
+    return None

@@ -1,0 +1,126 @@
+"""Row-wise ops on compact tensors: which ones can run on a region's rows alone, and their rewritten args.
+
+A compact tensor (`kernels/compact_rows.py`) keeps its full counterpart's rank and axis order, with the
+batch axis of size 1 and the token axis of size `n`. Most row-wise ops then run on it as they are; what
+changes is:
+- shape arguments (`view`, `reshape`, `expand`): the token size becomes `n`, the batch size 1;
+- tensor operands that carry the token axis without being compact (positions' cos/sin) are gathered to
+  the same rows first.
+An op this file does not know, or whose operands it cannot gather, is refused: the rewrite then writes
+the compact input into a cache and the op runs on full tensors as before.
+"""
+from typing import Optional
+
+import torch
+from torch import fx
+
+from dyllm_fx.kernels.compact_rows import rows_linear, take_rows, take_token_rows
+
+from .token_axis import ELEMENTWISE, IDENTITY_DROPOUT, RowAxes, TokenAxisAnalysis, op_name, tensor_meta
+
+SAME_SHAPE_ARGS = ELEMENTWISE | IDENTITY_DROPOUT | {
+    "getitem", "flatten", "unsqueeze", "transpose", "swapaxes", "permute", "movedim", "contiguous", "cat",
+    "chunk", "split", "layer_norm", "rms_norm", "softmax", "log_softmax", "linear",
+}
+SIZE_ARGS = {"view", "reshape", "expand"}
+SHAPE_OF_ANOTHER = {"view_as", "reshape_as", "expand_as"}  # the other tensor is full-size: refused
+
+
+class CompactOps:
+    def __init__(self, graph: fx.Graph, analysis: TokenAxisAnalysis):
+        self.graph, self.analysis = graph, analysis
+
+    def take(self, x: fx.Node, axes: RowAxes, index: fx.Node, before: fx.Node) -> fx.Node:
+        """The compact rows of the full tensor `x` (axes `axes`), computed just before `before`."""
+        with self.graph.inserting_before(before):
+            return self.graph.call_function(take_rows, (x, index, axes.batch, axes.token))
+
+    def rewrite(self, node: fx.Node, compact: set, index: fx.Node, count: fx.Node) -> bool:
+        """Makes `node` (row-wise, its varying inputs the compact nodes `compact`) run on compact tensors;
+        False (graph unchanged) when it cannot."""
+        name = op_name(node)
+        out = self.analysis.axes.get(node)
+        if out is None or out.expand != 1 or name in SHAPE_OF_ANOTHER:
+            return False
+        if name not in SAME_SHAPE_ARGS and name not in SIZE_ARGS:
+            return False
+        if name == "squeeze" or (name == "getitem" and any(isinstance(a, fx.Node) for a in _flat(node.args[1]))):
+            return False
+        rank = _rank(node)
+        if rank is None:
+            return False
+        operands = {}
+        for a in node.all_input_nodes:
+            if a in compact:
+                continue
+            taken = self._operand(a, out, rank, index, node)
+            if taken is False:
+                return False
+            if taken is not None:
+                operands[a] = taken
+        if name in SIZE_ARGS:
+            sizes = self._sizes(node, out, rank, count)
+            if sizes is None:
+                return False
+            node.args = (node.args[0], *sizes)
+            node.kwargs = {}
+        for a, taken in operands.items():
+            node.replace_input_with(a, taken)
+        if name == "linear":
+            node.target, node.op = rows_linear, "call_function"
+            b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            node.args, node.kwargs = (node.args[0], node.args[1], b), {}
+        return True
+
+    def _operand(self, a: fx.Node, out: RowAxes, rank: int, index: fx.Node, node: fx.Node):
+        """None: usable as is (no token axis); a node: its gathered rows; False: cannot be gathered."""
+        ex = tensor_meta(a)
+        if ex is None:
+            return None  # a number, a dtype
+        if a in self.analysis.varying:
+            return False  # a full varying tensor: the rewrite caches the compact one instead
+        if op_name(node) not in ELEMENTWISE and op_name(node) != "cat":
+            return None  # weights of linears and norms: no token axis
+        shift = rank - ex.dim()  # broadcasting aligns trailing axes
+        t, b = out.token - shift, out.batch - shift if out.batch >= 0 else -1
+        B, L = self.analysis.B, self.analysis.L
+        has_token = 0 <= t < ex.dim() and int(ex.shape[t]) > 1
+        has_batch = out.batch != out.token and 0 <= b < ex.dim() and int(ex.shape[b]) > 1
+        if not has_token:
+            return False if has_batch else None
+        with self.graph.inserting_before(node):
+            if out.batch == out.token or out.batch < 0:
+                if int(ex.shape[t]) != (B * L if out.batch == out.token else L):
+                    return False
+                return self.graph.call_function(take_rows, (a, index, t, t))
+            if has_batch:
+                return self.graph.call_function(take_rows, (a, index, b, t))
+            return self.graph.call_function(take_token_rows, (a, index, t, L))
+
+    def _sizes(self, node: fx.Node, out: RowAxes, rank: int, count: fx.Node) -> Optional[list]:
+        sizes = list(node.args[1:])
+        if len(sizes) == 1 and isinstance(sizes[0], (list, tuple, torch.Size)):
+            sizes = list(sizes[0])
+        if node.kwargs or len(sizes) != rank or not all(isinstance(s, int) for s in sizes):
+            return None
+        # every other size from the output's static shape: a -1 is ambiguous when the region has no rows
+        sizes = [int(d) for d in tensor_meta(node).shape]
+        expand = op_name(node) == "expand"
+        sizes[out.token] = -1 if expand else count
+        if out.batch >= 0 and out.batch != out.token:
+            sizes[out.batch] = -1 if expand else 1
+        return sizes
+
+
+def _rank(node: fx.Node) -> Optional[int]:
+    ex = tensor_meta(node)
+    if ex is not None:
+        return ex.dim()
+    value = node.meta.get("example_value")  # chunk / split: a tuple of tensors
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
+        return value[0].dim()
+    return None
+
+
+def _flat(index):
+    return index if isinstance(index, (list, tuple)) else (index,)

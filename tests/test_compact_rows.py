@@ -1,0 +1,101 @@
+"""Compact rows: the ops and helpers of `kernels/compact_rows.py`, and the compact rewrite of a model's regions."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import dyllm_fx
+from dyllm_fx.backend import graphs_of
+from dyllm_fx.kernels.compact_rows import rows_linear, take_rows, take_token_rows
+from dyllm_fx.kernels.sparse_rows_linear import MIN_ROWS
+from dyllm_fx.models import llada_like
+
+ops = torch.ops.dyllm
+
+# (full shape, batch axis, token axis) for B=2, L=5: rows leading, heads before tokens, one flat B*L axis,
+# no batch axis (B == 1), tokens before the batch
+LAYOUTS = [((2, 5, 3), 0, 1), ((2, 4, 5, 3), 0, 2), ((10, 3), 0, 0), ((1, 5, 3), -1, 1), ((5, 2, 3), 1, 0)]
+
+
+def _full_rows(shape, batch_axis, token_axis):
+    """[B, L] row mask shape of a layout."""
+    if batch_axis == token_axis:
+        return (2, 5)
+    return (1 if batch_axis < 0 else shape[batch_axis], shape[token_axis])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 999), kind=st.sampled_from(["none", "one", "all", "random"]))
+def test_take_then_put_writes_exactly_the_selected_rows(layout, seed, kind):
+    shape, ba, ta = layout
+    g = torch.Generator().manual_seed(seed)
+    rows = {"none": torch.zeros, "all": torch.ones}.get(kind, torch.zeros)(_full_rows(shape, ba, ta), dtype=torch.bool)
+    if kind == "one":
+        rows.view(-1)[seed % rows.numel()] = True
+    if kind == "random":
+        rows = torch.rand(rows.shape, generator=g) < 0.4
+    new, cache = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    before = cache.clone()
+    index = ops.select_rows(rows)
+    assert torch.equal(index, rows.reshape(-1).nonzero().squeeze(1))
+    compact = take_rows(new, index, ba, ta)
+    expected = list(shape)
+    if ba == ta or ba < 0:
+        expected[ta] = len(index)
+    else:
+        expected[ba], expected[ta] = 1, len(index)
+    assert list(compact.shape) == expected
+    ops.put_rows_(cache, index, compact, ba, ta)
+    mask = _broadcast_rows(rows, shape, ba, ta)
+    assert torch.equal(torch.where(mask, new, before), cache)
+
+
+def _broadcast_rows(rows, shape, ba, ta):
+    view = [1] * len(shape)
+    if ba == ta or ba < 0:
+        view[ta] = rows.numel()
+        return rows.reshape(view)
+    view[ba], view[ta] = rows.shape
+    return (rows.t() if ba > ta else rows).reshape(view)
+
+
+def test_take_token_rows_reads_the_token_of_each_flat_row():
+    cos = torch.arange(5.0).view(1, 5, 1).expand(1, 5, 3)
+    index = torch.tensor([1, 5, 9])  # (b, l) = (0, 1), (1, 0), (1, 4) for L = 5
+    assert take_token_rows(cos, index, 1, 5)[0, :, 0].tolist() == [1.0, 0.0, 4.0]
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, MIN_ROWS - 1, MIN_ROWS, 40])
+def test_rows_linear_equals_the_dense_linear_on_its_rows(n):
+    g = torch.Generator().manual_seed(n)
+    x, w, b = torch.randn(64, 96, generator=g), torch.randn(80, 96, generator=g), torch.randn(80, generator=g)
+    index = torch.randperm(64, generator=g)[:n].sort().values
+    assert torch.equal(rows_linear(x[index].unsqueeze(0), w, b)[0], F.linear(x, w, b)[index])  # bitwise
+
+
+def test_opcheck_compact_ops():
+    rows = torch.tensor([[True, False, True], [False, False, True]])
+    torch.library.opcheck(ops.select_rows.default, (rows,), test_utils=("test_schema", "test_faketensor"))
+    index = ops.select_rows(rows)
+    torch.library.opcheck(ops.put_rows_.default, (torch.zeros(2, 3, 4), index, torch.randn(1, 3, 4), 0, 1))
+
+
+def test_compact_regions_run_their_pointwise_ops_on_the_rows_alone():
+    torch._dynamo.reset()
+    model = llada_like(hidden_size=16, num_layers=2, num_heads=2, head_dim=8, vocab_size=53)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, policy="full", lowering="eager"), dynamic=False)
+    with torch.no_grad():
+        compiled(torch.randint(0, 50, (2, 9)))
+    (graph,) = graphs_of(model)
+    nodes = list(graph.rewritten.graph.nodes)
+    targets = [n.target for n in nodes]
+    assert ops.sparse_rows_linear.default not in targets and ops.row_update_.default not in targets
+    gated = [n for n in nodes if n.target is rows_linear]
+    assert len(gated) == sum(l.region is not None for l in graph.linears) > 0
+    # SwiGLU: silu(gate) * up reads two compact linears, and the down projection reads the product directly
+    silu = [n for n in nodes if n.target is F.silu]
+    assert silu and all(n.args[0].target is rows_linear for n in silu)
+    assert all(any(u.target is rows_linear for u in m.users) for n in silu for m in n.users)
+    # one row index per region, not per linear
+    assert targets.count(ops.select_rows.default) == len({l.region for l in graph.linears if l.region is not None})
+
