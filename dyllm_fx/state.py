@@ -30,7 +30,7 @@ class SequenceState:
         self.token_index = token_index
         self.other_input_indices = other_input_indices
         self.buffers = buffers
-        self.tensors = [torch.zeros(b.shape, dtype=b.dtype, device=device) for b in buffers]
+        self.tensors = [_allocate(b, device) for b in buffers]
         self.by_role = {}
         for b, t in zip(buffers, self.tensors):
             self.by_role.setdefault(b.role, []).append(t)
@@ -95,6 +95,13 @@ class SequenceState:
         dense, prompt_pass, entry = self._pending
         self.history.append(StepRecord(dense, prompt_pass, entry, self.by_role["stats"][0].clone()))
         self.step += 1
+
+
+def _allocate(spec: BufferSpec, device) -> Tensor:
+    if spec.order is None:
+        return torch.zeros(spec.shape, dtype=spec.dtype, device=device)
+    stored = torch.zeros([spec.shape[d] for d in spec.order], dtype=spec.dtype, device=device)
+    return stored.permute([spec.order.index(d) for d in range(len(spec.order))])
 
 
 def _row_changed(tokens: Tensor, prev: Tensor) -> Tensor:

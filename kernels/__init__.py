@@ -3,9 +3,9 @@
 # transformers probes for Hugging Face's `kernels` package. The ops are registered only under `dyllm_fx.kernels`,
 # so that they are defined once, and such a probe finds an inert module without a version.
 if __name__ == "dyllm_fx.kernels":
-    from .compact_rows import put_rows_, select_rows
+    from .compact_rows import select_rows
     from .delta_attention import delta_attention
     from .row_update import row_update_
     from .sparse_rows_linear import sparse_rows_linear
 
-    __all__ = ["delta_attention", "put_rows_", "row_update_", "select_rows", "sparse_rows_linear"]
+    __all__ = ["delta_attention", "row_update_", "select_rows", "sparse_rows_linear"]

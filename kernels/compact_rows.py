@@ -9,8 +9,9 @@ with `n`, and Inductor compiles the gathers and the region's pointwise ops into 
 
 - `take_rows(t, index, batch_axis, token_axis)`: the compact tensor of a full one (a gather).
 - `rows_linear(x, weight, bias)`: a linear on a compact tensor, exact against the dense one on CPU.
-- `put_rows_(cache, index, values, batch_axis, token_axis)`: writes a compact tensor into the rows of its
-  full-size cache (a custom op: the write happens in place, also under Inductor).
+- `put_rows(cache, index, values, batch_axis, token_axis)`: writes a compact tensor into the rows of its
+  full-size cache, in place (the cache is allocated rows-first, `rows_first_order`, so the write is one
+  `index_copy_` that Inductor compiles and fuses with the ops computing the values).
 
 Axes as in `row_layout.py`: `batch_axis == token_axis` for one flat `B * L` axis, -1 when `B == 1`.
 """
@@ -56,28 +57,31 @@ def take_token_rows(t: Tensor, index: Tensor, token_axis: int, length: int) -> T
 
 def rows_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """`F.linear` on a compact tensor. CPU BLAS computes a GEMM of fewer than `MIN_ROWS` rows in another
-    summation order (see `sparse_rows_linear.py`); `MIN_ROWS` zero rows appended give every row the dense
-    GEMM's result, whatever the row count."""
+    summation order (see `sparse_rows_linear.py`); zero rows appended up to `MIN_ROWS` give every row the
+    dense GEMM's result, whatever the row count."""
     flat = x.reshape(-1, x.shape[-1])
-    padded = torch.cat([flat, flat.new_zeros(MIN_ROWS, flat.shape[-1])])
+    padded = torch.cat([flat, flat.new_zeros(torch.sym_max(MIN_ROWS - flat.shape[0], 0), flat.shape[-1])])
     y = F.linear(padded, weight, bias).narrow(0, 0, flat.shape[0])
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("dyllm::put_rows_", mutates_args={"cache"})
-def put_rows_(cache: Tensor, index: Tensor, values: Tensor, batch_axis: int, token_axis: int) -> None:
-    if batch_axis == token_axis or batch_axis < 0:
-        cache.index_copy_(token_axis, index, values.to(cache.dtype))
-        return
-    rows_first = cache.movedim((batch_axis, token_axis), (0, 1))
-    new = values.to(cache.dtype).movedim((batch_axis, token_axis), (0, 1)).flatten(0, 1)
-    if rows_first.is_contiguous():
-        rows_first.view(-1, *rows_first.shape[2:]).index_copy_(0, index, new)
-    else:
-        L = cache.shape[token_axis]
-        rows_first[index // L, index % L] = new
+def row_axes(batch_axis: int, token_axis: int) -> tuple:
+    """The axes that index rows, outer first."""
+    return (token_axis,) if batch_axis == token_axis or batch_axis < 0 else (batch_axis, token_axis)
 
 
-@put_rows_.register_fake
-def _(cache, index, values, batch_axis, token_axis):
-    return None
+def rows_first_order(ndim: int, batch_axis: int, token_axis: int) -> tuple:
+    """The memory order (outermost axis first) of a cache `put_rows` writes: its rows outermost."""
+    rows = row_axes(batch_axis, token_axis)
+    return rows + tuple(d for d in range(ndim) if d not in rows)
+
+
+def put_rows(cache: Tensor, index: Tensor, values: Tensor, batch_axis: int, token_axis: int) -> None:
+    """Writes the compact `values` into the rows `index` of `cache`, in place. The cache's rows are outermost
+    in memory (`rows_first_order`): one `index_copy_`, which Inductor compiles into the graph."""
+    rows = row_axes(batch_axis, token_axis)
+    front = tuple(range(len(rows)))
+    rows_first = cache.movedim(rows, front)
+    flat = rows_first.view(-1, *rows_first.shape[len(rows):])
+    new = values.movedim(rows, front).reshape(-1, *rows_first.shape[len(rows):])
+    flat.index_copy_(0, index, new.to(flat.dtype))

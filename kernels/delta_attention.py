@@ -116,9 +116,17 @@ def _exact_all(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_ca
         if attn_mask is not None:
             s = s + _grouped(_additive(attn_mask, B, L, keys.shape[2]), Hk)
         ctx = (torch.softmax(s, dim=-1) @ values.to(torch.float32).unsqueeze(2)).flatten(1, 2)
-    else:
+    elif bool(dense) or bool(query_rows.all()):
         ctx = torch.nn.functional.scaled_dot_product_attention(
             q, keys, values, attn_mask=attn_mask, scale=scale, enable_gqa=k.shape[1] != H).to(torch.float32)
+    else:  # the query rows alone (response rows between prompt passes); the others keep their context
+        rows, valid = _select(query_rows)
+        mask = _additive(attn_mask, B, L, keys.shape[2])
+        ctx_rows = torch.nn.functional.scaled_dot_product_attention(
+            _take(q, rows, 2), keys, values, attn_mask=None if mask is None else _take(mask, rows, 2).to(q.dtype),
+            scale=scale, enable_gqa=k.shape[1] != H)
+        ctx = ctx_cache.clone()
+        _write_rows(ctx, rows, valid, ctx_rows.to(torch.float32))
     if bool(dense):
         salient = torch.ones(B, L, dtype=torch.bool, device=q.device)
         ctx_cache.copy_(ctx)

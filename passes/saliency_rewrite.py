@@ -12,7 +12,7 @@ Two representations of a partial tensor (`compact`, chosen per device by `Option
   `[B, L]` row mask (static shapes: no host synchronisation, CUDA-graph safe);
 - compact (CPU): only the region's rows (`kernels/compact_rows.py`, `passes/compact_rows.py`); the region's
   index is computed once (`select_rows`), full inputs are gathered once per gated linear, and the row-wise
-  ops between gated linears run on the rows alone. Cache points write with `put_rows_`.
+  ops between gated linears run on the rows alone. Cache points write with `put_rows`.
 """
 import operator
 from dataclasses import dataclass, field
@@ -40,6 +40,7 @@ class BufferSpec:
     shape: tuple
     dtype: torch.dtype
     role: str  # entry_rows | query_rows | dense | stats | k_cache | v_cache | context | lse | cache
+    order: Optional[tuple] = None  # memory order of the axes, outermost first (None: contiguous)
 
 
 @dataclass
@@ -63,9 +64,10 @@ class SaliencyRewrite:
         self._last_placeholder = list(self.graph.find_nodes(op="placeholder"))[-1]
         self.compact = CompactOps(self.graph, analysis) if compact else None
         self.index: dict[int, tuple[fx.Node, fx.Node]] = {}  # region -> (row index, its length)
+        self.writes: set[fx.Node] = set()  # in-place cache writes by plain functions (`put_rows`): kept by DCE
 
     # -- graph inputs the runtime owns -------------------------------------------------------------
-    def _input(self, name, shape, dtype, role, device) -> fx.Node:
+    def _input(self, name, shape, dtype, role, device, order=None) -> fx.Node:
         with self.graph.inserting_after(self._last_placeholder):
             node = self.graph.placeholder(f"dyllm_{name}")
         node._dynamo_source = None
@@ -73,17 +75,19 @@ class SaliencyRewrite:
         with self.fake_mode:
             node.meta["example_value"] = torch.empty(shape, dtype=dtype, device=device)
         self._last_placeholder = node
-        self.result.buffers.append(BufferSpec(node.name, tuple(shape), dtype, role))
+        self.result.buffers.append(BufferSpec(node.name, tuple(shape), dtype, role, order))
         return node
 
     def _cache_point(self, node: fx.Node) -> fx.Node:
         if node not in self.cache_of:
             ex, axes, region = tensor_meta(node), self.analysis.axes[node], self.partial[node]
-            cache = self._input(f"cache_{node.name}", tuple(ex.shape), ex.dtype, "cache", ex.device)
+            order = compact_rows.rows_first_order(ex.dim(), axes.batch, axes.token) if self.compact else None
+            cache = self._input(f"cache_{node.name}", tuple(ex.shape), ex.dtype, "cache", ex.device, order)
             with self.graph.inserting_after(node):
                 if self.compact:
-                    self.graph.call_function(ops.put_rows_.default,
-                                             (cache, self.index[region][0], node, axes.batch, axes.token))
+                    write = self.graph.call_function(compact_rows.put_rows,
+                                                     (cache, self.index[region][0], node, axes.batch, axes.token))
+                    self.writes.add(write)
                 else:
                     self.graph.call_function(ops.row_update_.default,
                                              (cache, node, self.rows[region], axes.batch, axes.token))
@@ -130,7 +134,7 @@ class SaliencyRewrite:
                         self._use_cache(node, a)
             else:
                 self._propagate(node)
-        self.graph.eliminate_dead_code(is_impure_node=lambda n: n in unread or n.is_impure())
+        self.graph.eliminate_dead_code(is_impure_node=lambda n: n in unread or n in self.writes or n.is_impure())
         self.graph.lint()
         self.gm.recompile()
         return self.result
@@ -177,11 +181,14 @@ class SaliencyRewrite:
                 mask.meta["example_value"] = tensor_meta(site.mask) * site.mask_scale
         qe, ke, ve = tensor_meta(site.q), tensor_meta(site.k), tensor_meta(site.v)
         i, dev = site.index, qe.device
+        # CPU: caches stored [B, L, H, D] like SDPA's output and the compact K/V cache points, so that the op's
+        # row-masked `where`s run on matching, vectorisable layouts
+        rows_first, lse_order = ((0, 2, 1, 3), (0, 2, 1)) if self.compact else (None, None)
         caches = [
-            self._input(f"k_cache_{i}", tuple(ke.shape), ke.dtype, "k_cache", dev),
-            self._input(f"v_cache_{i}", tuple(ve.shape), ve.dtype, "v_cache", dev),
-            self._input(f"context_{i}", tuple(qe.shape), torch.float32, "context", dev),
-            self._input(f"lse_{i}", tuple(qe.shape[:3]), torch.float32, "lse", dev),
+            self._input(f"k_cache_{i}", tuple(ke.shape), ke.dtype, "k_cache", dev, rows_first),
+            self._input(f"v_cache_{i}", tuple(ve.shape), ve.dtype, "v_cache", dev, rows_first),
+            self._input(f"context_{i}", tuple(qe.shape), torch.float32, "context", dev, rows_first),
+            self._input(f"lse_{i}", tuple(qe.shape[:3]), torch.float32, "lse", dev, lse_order),
         ]
         with self.graph.inserting_before(site.output):
             delta = self.graph.call_function(

@@ -105,7 +105,8 @@ def test_delta_attention_falls_back_to_exact_rows_on_cancellation():
     assert torch.allclose(out, sdpa(q, k2, v, None, 1.0), atol=1e-5)
 
 
-def test_saliency_threshold_and_query_rows():
+@pytest.mark.parametrize("exact_below", [0, 1024], ids=["incremental", "one-sdpa"])
+def test_saliency_threshold_and_query_rows(exact_below):
     B, H, L, D = 1, 2, 5, 4
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D, generator=gen) for _ in range(3))
@@ -120,11 +121,12 @@ def test_saliency_threshold_and_query_rows():
     query[0, 4] = False
     always = nobody.clone()
     always[0, 3] = True
-    out, salient = ops.delta_attention(q, k, v2, None, rows, query, always, torch.tensor(False), *state, 0, 0.5,
-                                       0.99, 0)
-    assert salient[0, :4].all() and not salient[0, 4]
     ctx_before = state[2][0, :, 4].clone()
-    assert torch.equal(out[0, :, 4], ctx_before)  # not a query row: context kept
+    out, salient = ops.delta_attention(q, k, v2, None, rows, query, always, torch.tensor(False), *state, 0, 0.5,
+                                       0.99, exact_below)
+    assert salient[0, :4].all() and not salient[0, 4]
+    assert torch.allclose(out[0, :, :4], sdpa(q, k, v2, None, 0.5)[0, :, :4], atol=1e-5)  # query rows: exact
+    assert torch.equal(out[0, :, 4], ctx_before.to(out.dtype))  # not a query row: context kept
 
 
 @pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
