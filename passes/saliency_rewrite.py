@@ -23,6 +23,7 @@ from torch import fx
 
 from dyllm_fx import kernels  # noqa: F401  (registers torch.ops.dyllm)
 from dyllm_fx.kernels import compact_rows
+from dyllm_fx.kernels.exact_attention import exact_attention_step
 
 from .attention import AttentionSite
 from .compact_rows import CompactOps
@@ -181,6 +182,8 @@ class SaliencyRewrite:
                 mask.meta["example_value"] = tensor_meta(site.mask) * site.mask_scale
         qe, ke, ve = tensor_meta(site.q), tensor_meta(site.k), tensor_meta(site.v)
         i, dev = site.index, qe.device
+        if self.compact and site.k_memory is None and not site.softcap and int(ke.shape[2]) <= self.exact_below:
+            return self._exact_attention(site, q, k, v, mask)
         # CPU: caches stored [B, L, H, D] like SDPA's output and the compact K/V cache points, so that the op's
         # row-masked `where`s run on matching, vectorisable layouts
         rows_first, lse_order = ((0, 2, 1, 3), (0, 2, 1)) if self.compact else (None, None)
@@ -197,6 +200,21 @@ class SaliencyRewrite:
                  site.scale, self.tau, self.exact_below, site.k_memory, site.v_memory, site.softcap or 0.0))
             out = self.graph.call_function(operator.getitem, (delta, 0))
             rows = self.graph.call_function(operator.getitem, (delta, 1))
+        out.meta["example_value"] = tensor_meta(site.output)
+        site.output.replace_all_uses_with(out)
+        self.rows[i] = rows
+
+    def _exact_attention(self, site: AttentionSite, q, k, v, mask) -> None:
+        """Every query row recomputed by one SDPA call over the complete K/V, traced into the graph."""
+        qe, i = tensor_meta(site.q), site.index
+        context = self._input(f"context_{i}", tuple(qe.shape), torch.float32, "context", qe.device, (0, 2, 1, 3))
+        with self.graph.inserting_before(site.output):
+            step = self.graph.call_function(
+                exact_attention_step,
+                (q, k, v, mask, self.query_rows, self.rows[-1], context, self.stats, i, site.scale, self.tau))
+            out = self.graph.call_function(operator.getitem, (step, 0))
+            rows = self.graph.call_function(operator.getitem, (step, 1))
+        self.writes.add(step)
         out.meta["example_value"] = tensor_meta(site.output)
         site.output.replace_all_uses_with(out)
         self.rows[i] = rows

@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import dyllm_fx
 from dyllm_fx.backend import graphs_of
 from dyllm_fx.kernels.compact_rows import put_rows, rows_first_order, rows_linear, take_rows, take_token_rows
+from dyllm_fx.kernels.exact_attention import exact_attention_step
 from dyllm_fx.kernels.sparse_rows_linear import MIN_ROWS
 from dyllm_fx.models import llada_like
 
@@ -91,6 +92,8 @@ def test_compact_regions_run_their_pointwise_ops_on_the_rows_alone():
     nodes = list(graph.rewritten.graph.nodes)
     targets = [n.target for n in nodes]
     assert ops.sparse_rows_linear.default not in targets and ops.row_update_.default not in targets
+    # short sequences: attention is the in-graph one-SDPA step, not the custom op
+    assert ops.delta_attention.default not in targets and targets.count(exact_attention_step) == 2
     gated = [n for n in nodes if n.target is rows_linear]
     assert len(gated) == sum(l.region is not None for l in graph.linears) > 0
     # SwiGLU: silu(gate) * up reads two compact linears, and the down projection reads the product directly
@@ -100,3 +103,31 @@ def test_compact_regions_run_their_pointwise_ops_on_the_rows_alone():
     # one row index per region, not per linear
     assert targets.count(ops.select_rows.default) == len({l.region for l in graph.linears if l.region is not None})
 
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_exact_attention_step_matches_the_delta_attention_op(mask_kind):
+    """The in-graph form (compact path) and the custom op (one-SDPA path) agree on outputs, saliency, the context
+    cache and the stats, over a dense step and a sparse one with changed keys and a partial query set."""
+    B, H, Hk, L, D = 2, 4, 2, 6, 8
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(B, H, L, D, generator=g), torch.randn(B, Hk, L, D, generator=g), torch.randn(B, Hk, L, D, generator=g)
+    mask = {"none": None, "bool": torch.rand(B, 1, L, L, generator=g) > 0.2,
+            "additive": torch.randn(B, 1, L, L, generator=g)}[mask_kind]
+    if mask is not None and mask.dtype == torch.bool:
+        mask[..., 0] = True  # no fully masked row
+    everyone, nobody = torch.ones(B, L, dtype=torch.bool), torch.zeros(B, L, dtype=torch.bool)
+    op_state = [torch.zeros(B, Hk, L, D), torch.zeros(B, Hk, L, D), torch.zeros(B, H, L, D), torch.zeros(B, H, L),
+                torch.zeros(1, 4, dtype=torch.int64)]
+    ctx_cache, stats = torch.zeros(B, H, L, D), torch.zeros(1, 4, dtype=torch.int64)
+    changed = nobody.clone()
+    changed[0, 2] = changed[1, 5] = True
+    query = everyone.clone()
+    query[1, :3] = False
+    k2 = torch.where(changed[:, None, :, None], torch.randn(B, Hk, L, D, generator=g), k)
+    for (kk, rows, qr, always, dense) in [(k, None, everyone, everyone, True), (k2, changed, query, changed, False)]:
+        ref, ref_salient = ops.delta_attention(q, kk, v, mask, rows, qr, always, torch.tensor(dense), *op_state, 0,
+                                               0.3, 0.99, 1024)
+        out, salient = exact_attention_step(q, kk, v, mask, qr, always, ctx_cache, stats, 0, 0.3, 0.99)
+        assert torch.allclose(out, ref, atol=1e-6) and torch.equal(salient, ref_salient)
+        assert torch.allclose(ctx_cache, op_state[2], atol=1e-6) and torch.equal(stats, op_state[-1])
