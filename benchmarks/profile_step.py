@@ -1,6 +1,6 @@
 """Where the time of a sparse dyllm step goes: torch.profiler over steady-state decode steps.
 
-    python benchmarks/profile_step.py --policy full --tau 0.99 [--model smollm2_dream] [--steps 16]
+    python benchmarks/profile_step.py --policy full --tau 0.99 [--model smollm2_dream] [--steps 16] [--kernel-profile]
 
 Decodes the benchmark's default batch (GSM8K prompts) with the dyllm backend, then profiles the
 last `--profiled` forward calls (all sparse) and prints the top ops by self CPU time.
@@ -30,7 +30,13 @@ def main():
     p.add_argument("--max-prompt-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rows", type=int, default=20)
+    p.add_argument("--kernel-profile", action="store_true",
+                   help="name Inductor's C++ kernels in the table (else their time is the compiled graph's own)")
     args = p.parse_args()
+    if args.kernel_profile:
+        import torch._inductor.config
+
+        torch._inductor.config.cpp.enable_kernel_profile = True
 
     model = get_model(args.model)
     ids, mask, _ = _prompts(args, model)
