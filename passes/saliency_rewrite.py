@@ -65,7 +65,8 @@ class SaliencyRewrite:
         self._last_placeholder = list(self.graph.find_nodes(op="placeholder"))[-1]
         self.compact = CompactOps(self.graph, analysis) if compact else None
         self.index: dict[int, tuple[fx.Node, fx.Node]] = {}  # region -> (row index, its length)
-        self.writes: set[fx.Node] = set()  # in-place cache writes by plain functions (`put_rows`): kept by DCE
+        # plain functions that write caches in place (`put_rows`, the attention step): DCE must keep them
+        self.writes: set[fx.Node] = set()
 
     # -- graph inputs the runtime owns -------------------------------------------------------------
     def _input(self, name, shape, dtype, role, device, order=None) -> fx.Node:
