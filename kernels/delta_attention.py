@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .dispatch import use_triton
+from .exact_attention import update_context
 from .saliency import saliency_reference
 
 CANCELLATION_FLOOR = 1e-2  # the Triton path (delta_attention_triton.py) uses the same rule
@@ -130,13 +131,9 @@ def _exact_all(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_ca
     if bool(dense):
         salient = torch.ones(B, L, dtype=torch.bool, device=q.device)
         ctx_cache.copy_(ctx)
-        n_query = B * L
+        stats[layer] = torch.tensor([B * L, B * L, 0, B * L])
     else:
-        ctx = torch.where(query_rows[:, None, :, None], ctx, ctx_cache)
-        salient = saliency_reference(ctx, ctx_cache, query_rows, always_rows, tau)
-        ctx_cache.copy_(ctx)
-        n_query = query_rows.sum()
-    stats[layer] = torch.stack([salient.sum(), torch.as_tensor(n_query), torch.tensor(0), torch.as_tensor(n_query)]).to(stats.device)
+        ctx, salient = update_context(ctx, ctx_cache, query_rows, always_rows, stats, layer, tau)
     return _output(ctx, q.dtype, copy=False), salient
 
 

@@ -21,9 +21,17 @@ def exact_attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Te
                          tau: float) -> tuple[Tensor, Tensor]:
     new = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-    ctx = torch.where(query_rows[:, None, :, None], new.to(torch.float32), ctx_cache)
+    ctx, salient = update_context(new.to(torch.float32), ctx_cache, query_rows, always_rows, stats, layer, tau)
+    return ctx.to(q.dtype), salient
+
+
+def update_context(new: Tensor, ctx_cache: Tensor, query_rows: Tensor, always_rows: Tensor, stats: Tensor,
+                   layer: int, tau: float) -> tuple[Tensor, Tensor]:
+    """Every query row's new fp32 context `new` against the cache: the saliency test, the cache write and the
+    stats of a step whose query rows were all computed exactly (also `delta_attention`'s one-SDPA path)."""
+    ctx = torch.where(query_rows[:, None, :, None], new, ctx_cache)
     salient = saliency_reference(ctx, ctx_cache, query_rows, always_rows, tau)
     ctx_cache.copy_(ctx)
     n_query = query_rows.sum()
     stats[layer].copy_(torch.stack([salient.sum(), n_query, torch.zeros_like(n_query), n_query]))
-    return ctx.to(q.dtype), salient
+    return ctx, salient
