@@ -21,11 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .row_layout import flat_index, row_axes, rows_view
 from .sparse_rows_linear import MIN_ROWS
-
-
-def flat_index(rows: Tensor) -> Tensor:
-    return rows.reshape(-1).nonzero().squeeze(1)
 
 
 @torch.library.custom_op("dyllm::select_rows", mutates_args=())
@@ -43,9 +40,8 @@ def take_rows(t: Tensor, index: Tensor, batch_axis: int, token_axis: int) -> Ten
     """The rows `index` of the full tensor `t`, as a compact tensor."""
     if batch_axis == token_axis or batch_axis < 0:
         return t.index_select(token_axis, index)
-    B, L = t.shape[batch_axis], t.shape[token_axis]
-    rows_first = t.movedim((batch_axis, token_axis), (0, 1))
-    flat = rows_first.reshape(B * L, *rows_first.shape[2:]).index_select(0, index)
+    rows_first = rows_view(t, batch_axis, token_axis)
+    flat = rows_first.flatten(0, 1).index_select(0, index)
     return flat.unsqueeze(0).movedim((0, 1), (batch_axis, token_axis))
 
 
@@ -65,11 +61,6 @@ def rows_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def row_axes(batch_axis: int, token_axis: int) -> tuple:
-    """The axes that index rows, outer first."""
-    return (token_axis,) if batch_axis == token_axis or batch_axis < 0 else (batch_axis, token_axis)
-
-
 def rows_first_order(ndim: int, batch_axis: int, token_axis: int) -> tuple:
     """The memory order (outermost axis first) of a cache `put_rows` writes: its rows outermost."""
     rows = row_axes(batch_axis, token_axis)
@@ -79,9 +70,8 @@ def rows_first_order(ndim: int, batch_axis: int, token_axis: int) -> tuple:
 def put_rows(cache: Tensor, index: Tensor, values: Tensor, batch_axis: int, token_axis: int) -> None:
     """Writes the compact `values` into the rows `index` of `cache`, in place. The cache's rows are outermost
     in memory (`rows_first_order`): one `index_copy_`, which Inductor compiles into the graph."""
-    rows = row_axes(batch_axis, token_axis)
-    front = tuple(range(len(rows)))
-    rows_first = cache.movedim(rows, front)
-    flat = rows_first.view(-1, *rows_first.shape[len(rows):])
-    new = values.movedim(rows, front).reshape(-1, *rows_first.shape[len(rows):])
+    n_rows = len(row_axes(batch_axis, token_axis))
+    rows_first = rows_view(cache, batch_axis, token_axis)
+    flat = rows_first.view(-1, *rows_first.shape[n_rows:])
+    new = rows_view(values, batch_axis, token_axis).reshape(-1, *rows_first.shape[n_rows:])
     flat.index_copy_(0, index, new.to(flat.dtype))

@@ -9,15 +9,25 @@ from typing import Optional
 from torch import Tensor
 
 
-def _rows_view(t: Tensor, batch_axis: int, token_axis: int) -> Tensor:
-    if batch_axis == token_axis or batch_axis < 0:
-        return t.movedim(token_axis, 0)
-    return t.movedim((batch_axis, token_axis), (0, 1))
+def row_axes(batch_axis: int, token_axis: int) -> tuple:
+    """The axes that index rows, outer first."""
+    return (token_axis,) if batch_axis == token_axis or batch_axis < 0 else (batch_axis, token_axis)
+
+
+def rows_view(t: Tensor, batch_axis: int, token_axis: int) -> Tensor:
+    """`t` with its row axes moved to the front (outer first)."""
+    rows = row_axes(batch_axis, token_axis)
+    return t.movedim(rows, tuple(range(len(rows))))
+
+
+def flat_index(rows: Tensor) -> Tensor:
+    """The flat positions `b * L + l` of the set rows of a `[B, L]` mask, ascending."""
+    return rows.reshape(-1).nonzero().squeeze(1)
 
 
 def _index(rows: Tensor, batch_axis: int, token_axis: int):
     if batch_axis == token_axis or batch_axis < 0:
-        return (rows.reshape(-1).nonzero().squeeze(1),)
+        return (flat_index(rows),)
     return tuple(rows.nonzero().unbind(1))
 
 
@@ -51,14 +61,14 @@ def gather_rows(t: Tensor, rows: Tensor, batch_axis: int, token_axis: int) -> Te
     """The selected rows of `t` as `[n, *other axes]`."""
     if _leading_rows(t, batch_axis, token_axis):
         flat = t.view(rows.numel(), *t.shape[token_axis + 1:])
-        return flat.index_select(0, rows.view(-1).nonzero().squeeze(1))
-    return _rows_view(t, batch_axis, token_axis)[_index(rows, batch_axis, token_axis)]
+        return flat.index_select(0, flat_index(rows))
+    return rows_view(t, batch_axis, token_axis)[_index(rows, batch_axis, token_axis)]
 
 
 def scatter_rows_(t: Tensor, rows: Tensor, values: Tensor, batch_axis: int, token_axis: int) -> None:
     """Writes `values` (`[n, *other axes]`, as from `gather_rows`) into the selected rows of `t`."""
     if _leading_rows(t, batch_axis, token_axis):
         flat = t.view(rows.numel(), *t.shape[token_axis + 1:])
-        flat.index_copy_(0, rows.view(-1).nonzero().squeeze(1), values)
+        flat.index_copy_(0, flat_index(rows), values)
         return
-    _rows_view(t, batch_axis, token_axis)[_index(rows, batch_axis, token_axis)] = values
+    rows_view(t, batch_axis, token_axis)[_index(rows, batch_axis, token_axis)] = values
