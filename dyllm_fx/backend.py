@@ -194,7 +194,7 @@ class CompiledGraph:
         device = example_inputs[token_index].device
         self.compact = self.options.compact(device)
         result = SaliencyRewrite(rewritten, r_analysis, r_sites, r_linears, self.options.tau,
-                                 self.options.exact_below(device), self.compact).run()
+                                 self.options.exact_below(device), self.compact, self.options.packed(device)).run()
         self.report.cache_points = result.cache_points
         others = [i for i, (n, e) in enumerate(zip(placeholders, example_inputs))
                   if i != token_index and _is_user_input(n, e)]

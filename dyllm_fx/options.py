@@ -20,7 +20,11 @@ class Options:
     SDPA call) instead of the incremental update; None: 256 on CPU, 0 on GPU.
     `compact_rows`: run each gated region on its rows alone (data-dependent sizes: the CPU path) instead of
     on full-size tensors under a row mask (static shapes, no host synchronisation: the GPU path); None: True
-    on CPU, False on GPU."""
+    on CPU, False on GPU.
+    `packed_weights`: on the compact path, gated linears run oneDNN on a prepacked copy of their weight
+    (`kernels/packed_linear.py`): 1.5-2.5x faster at a sparse step's few rows on CPU, one more copy of those
+    weights in memory, results off `F.linear`'s by fp32 rounding; None: on below tau = 1.0 (at 1.0 the
+    rewritten model reproduces the original bit for bit on CPU)."""
 
     tau: float = 0.99
     dense_steps: int = 4
@@ -30,6 +34,7 @@ class Options:
     prompt_period: int = 4
     exact_attention_below: Optional[int] = None
     compact_rows: Optional[bool] = None
+    packed_weights: Optional[bool] = None
 
     def __post_init__(self):
         def bad(key, why):
@@ -51,6 +56,11 @@ class Options:
             bad("exact_attention_below", "must be None or an int >= 0")
         if self.compact_rows is not None and not isinstance(self.compact_rows, bool):
             bad("compact_rows", "must be None, True or False")
+        if self.packed_weights is not None and not isinstance(self.packed_weights, bool):
+            bad("packed_weights", "must be None, True or False")
+        if self.packed_weights and self.compact_rows is False:
+            bad("packed_weights", "needs the compact path (packed weights serve its gated linears); drop "
+                "compact_rows=False or packed_weights=True")
         if isinstance(self.prompt_period, bool) or not isinstance(self.prompt_period, int) or self.prompt_period < 1:
             bad("prompt_period", "must be an int >= 1")
 
@@ -63,6 +73,12 @@ class Options:
         if self.compact_rows is not None:
             return self.compact_rows
         return torch.device(device).type == "cpu"
+
+    def packed(self, device) -> bool:
+        """Whether the compact path's gated linears use prepacked weights (never off the compact path)."""
+        if not self.compact(device):
+            return False
+        return self.packed_weights if self.packed_weights is not None else self.tau < 1.0
 
     @classmethod
     def from_dict(cls, options: Optional[dict]) -> "Options":

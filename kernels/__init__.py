@@ -5,6 +5,7 @@
 if __name__ == "dyllm_fx.kernels":
     from .compact_rows import select_rows
     from .delta_attention import delta_attention
+    from . import packed_linear  # noqa: F401  (registers torch.ops.dyllm.packed_linear)
     from .row_update import row_update_
     from .sparse_rows_linear import sparse_rows_linear
 

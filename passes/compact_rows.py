@@ -27,8 +27,10 @@ SHAPE_OF_ANOTHER = {"view_as", "reshape_as", "expand_as"}  # the other tensor is
 
 
 class CompactOps:
-    def __init__(self, graph: fx.Graph, analysis: TokenAxisAnalysis):
+    def __init__(self, graph: fx.Graph, analysis: TokenAxisAnalysis, packed: bool = False):
         self.graph, self.analysis = graph, analysis
+        # a linear on compact rows: oneDNN on a prepacked weight, or MKL padded to exactness (`rows_linear`)
+        self.linear = torch.ops.dyllm.packed_linear.default if packed else rows_linear
 
     def take(self, x: fx.Node, axes: RowAxes, index: fx.Node, before: fx.Node) -> fx.Node:
         """The compact rows of the full tensor `x` (axes `axes`), computed just before `before`."""
@@ -67,7 +69,7 @@ class CompactOps:
         for a, taken in operands.items():
             node.replace_input_with(a, taken)
         if name == "linear":
-            node.target, node.op = rows_linear, "call_function"
+            node.target, node.op = self.linear, "call_function"
             b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             node.args, node.kwargs = (node.args[0], node.args[1], b), {}
         return True

@@ -52,7 +52,8 @@ class RewriteResult:
 
 class SaliencyRewrite:
     def __init__(self, gm: fx.GraphModule, analysis: TokenAxisAnalysis, sites: list[AttentionSite],
-                 linears: list[LinearSite], tau: float, exact_below: int, compact: bool = False):
+                 linears: list[LinearSite], tau: float, exact_below: int, compact: bool = False,
+                 packed: bool = False):
         self.gm, self.graph, self.analysis = gm, gm.graph, analysis
         self.sites, self.tau, self.exact_below = [s for s in sites if s.supported], tau, exact_below
         self.n_sites = len(sites)  # stats rows are indexed by site index, supported or not
@@ -63,7 +64,7 @@ class SaliencyRewrite:
         self.fake_mode = next(tensor_meta(n).fake_mode for n in self.graph.nodes
                               if tensor_meta(n) is not None and hasattr(tensor_meta(n), "fake_mode"))
         self._last_placeholder = list(self.graph.find_nodes(op="placeholder"))[-1]
-        self.compact = CompactOps(self.graph, analysis) if compact else None
+        self.compact = CompactOps(self.graph, analysis, packed) if compact else None
         self.index: dict[int, tuple[fx.Node, fx.Node]] = {}  # region -> (row index, its length)
         # plain functions that write caches in place (`put_rows`, the attention step): DCE must keep them
         self.writes: set[fx.Node] = set()
@@ -151,7 +152,7 @@ class SaliencyRewrite:
         if self.compact:
             if x not in self.partial:
                 x = self.compact.take(x, axes, self._index(region, node)[0], node)
-            node.target, node.args, node.kwargs = compact_rows.rows_linear, (x, w, b), {}
+            node.target, node.args, node.kwargs = self.compact.linear, (x, w, b), {}
         else:
             node.target = ops.sparse_rows_linear.default
             node.args, node.kwargs = (x, w, b, self.rows[region], axes.batch, axes.token), {}

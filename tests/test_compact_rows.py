@@ -94,12 +94,13 @@ def test_compact_regions_run_their_pointwise_ops_on_the_rows_alone():
     assert ops.sparse_rows_linear.default not in targets and ops.row_update_.default not in targets
     # short sequences: attention is the in-graph one-SDPA step, not the custom op
     assert ops.delta_attention.default not in targets and targets.count(exact_attention_step) == 2
-    gated = [n for n in nodes if n.target is rows_linear]
+    linear = ops.packed_linear.default  # below tau = 1 (tests/test_packed_linear.py)
+    gated = [n for n in nodes if n.target is linear]
     assert len(gated) == sum(l.region is not None for l in graph.linears) > 0
     # SwiGLU: silu(gate) * up reads two compact linears, and the down projection reads the product directly
     silu = [n for n in nodes if n.target is F.silu]
-    assert silu and all(n.args[0].target is rows_linear for n in silu)
-    assert all(any(u.target is rows_linear for u in m.users) for n in silu for m in n.users)
+    assert silu and all(n.args[0].target is linear for n in silu)
+    assert all(any(u.target is linear for u in m.users) for n in silu for m in n.users)
     # one row index per region, not per linear
     assert targets.count(ops.select_rows.default) == len({l.region for l in graph.linears if l.region is not None})
 

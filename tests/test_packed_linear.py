@@ -1,0 +1,90 @@
+"""`packed_linear` (`kernels/packed_linear.py`): oneDNN on a prepacked weight, and when the rewrite uses it."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import dyllm_fx
+from dyllm_fx.backend import graphs_of
+from dyllm_fx.kernels import packed_linear as packed
+from dyllm_fx.kernels.compact_rows import rows_linear
+from dyllm_fx.models import llada_like
+from trajectories import rows_seen_by_gated_linears, run_both
+
+ops = torch.ops.dyllm
+needs_onednn = pytest.mark.skipif(not packed.available(torch.float32, "cpu"), reason="torch built without oneDNN")
+
+
+@needs_onednn
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(k=st.integers(1, 80), n=st.integers(1, 70), total=st.integers(1, 64), bias=st.booleans(), seed=st.integers(0, 99))
+def test_a_row_gets_the_same_bits_whatever_rows_share_its_call(k, n, total, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(total, k, generator=g), torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    full = ops.packed_linear(x, w, b)
+    torch.testing.assert_close(full, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    for m in sorted({0, 1, 2, total // 2, total}):
+        rows = torch.randperm(total, generator=g)[:m]
+        assert torch.equal(ops.packed_linear(x[rows], w, b), full[rows]), f"{m} of {total} rows"
+
+
+@needs_onednn
+def test_keeps_the_leading_axes_and_repacks_after_an_in_place_update():
+    x, w = torch.randn(2, 1, 5, 8), torch.randn(6, 8)
+    y = ops.packed_linear(x, w, None)
+    assert y.shape == (2, 1, 5, 6)
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        w.mul_(-2.0)
+    torch.testing.assert_close(ops.packed_linear(x, w, None), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_other_dtypes_are_the_plain_linear():
+    x, w, b = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(5, 8, dtype=torch.bfloat16), None
+    assert torch.equal(ops.packed_linear(x, w, b), F.linear(x, w, b))
+
+
+def test_opcheck_packed_linear():
+    torch.library.opcheck(ops.packed_linear.default, (torch.randn(4, 8), torch.randn(6, 8), torch.randn(6)),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("tau, packed_weights, expected", [
+    (0.99, None, ops.packed_linear.default), (1.0, None, rows_linear), (0.99, False, rows_linear),
+    (1.0, True, ops.packed_linear.default)])
+def test_gated_linears_use_packed_weights_below_tau_one(tau, packed_weights, expected):
+    torch._dynamo.reset()
+    model = llada_like(hidden_size=16, num_layers=2, num_heads=2, head_dim=8, vocab_size=53)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=tau, policy="full", lowering="eager",
+                                                             packed_weights=packed_weights), dynamic=False)
+    with torch.no_grad():
+        compiled(torch.randint(0, 50, (2, 9)))
+    (graph,) = graphs_of(model)
+    targets = [n.target for n in graph.rewritten.graph.nodes]
+    other = rows_linear if expected is ops.packed_linear.default else ops.packed_linear.default
+    assert targets.count(expected) == sum(l.region is not None for l in graph.linears) > 0 and other not in targets
+
+
+def test_packed_weights_need_the_compact_path():
+    with pytest.raises(ValueError, match="packed_weights"):
+        dyllm_fx.backend(packed_weights=True, compact_rows=False)
+
+
+@needs_onednn
+@pytest.mark.slow
+def test_packed_weights_under_inductor_stay_within_rounding_of_eager():
+    torch._dynamo.reset()
+    model = llada_like(hidden_size=16, num_layers=2, num_heads=2, head_dim=8, vocab_size=97, seed=0)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=1.0, policy="full", dense_steps=1,
+                                                             packed_weights=True), dynamic=False)
+    mask_id = model.config.mask_token_id
+    ids = torch.full((2, 10), mask_id)
+    ids[:, :3] = torch.arange(6).view(2, 3)
+    steps = [ids.clone()]
+    for pos in range(3, 7):
+        ids[:, pos] = pos
+        steps.append(ids.clone())
+    with rows_seen_by_gated_linears() as seen:
+        run_both(model, compiled, steps)
+    assert any(0 < n < total for n, total in seen), f"the gated linears never ran on a strict subset of rows: {seen}"
