@@ -19,7 +19,7 @@ from dyllm_fx.models import get_model
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2_dream")
-    p.add_argument("--policy", default="paper")
+    p.add_argument("--policy", default=dyllm_fx.Options.policy)
     p.add_argument("--tau", type=float, default=0.99)
     p.add_argument("--exact-attention-below", type=int, default=None)
     p.add_argument("--batch", type=int, default=2)

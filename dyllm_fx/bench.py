@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--tau", nargs="+", type=float, default=[0.99], help="dyllm saliency thresholds, one mode each")
-    p.add_argument("--policy", nargs="+", default=["paper"], help="dyllm policies, one mode each")
+    p.add_argument("--policy", nargs="+", default=[Options.policy], help="dyllm policies, one mode each")
     p.add_argument("--dyllm-option", action="append", default=[], metavar="KEY=VALUE",
                    help="another dyllm backend option for every dyllm mode (repeatable), e.g. exact_attention_below=0")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))

@@ -21,12 +21,12 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 _PACKED = WeakTensorKeyDictionary()  # weight -> (weight._version, packed weight)
 PACK_ROWS_HINT = 16  # the row count oneDNN chooses its packed layout for
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def available(dtype: torch.dtype, device) -> bool:
     """Whether `packed_linear` runs oneDNN for this weight dtype and device (else it is `F.linear`)."""
-    return (torch.device(device).type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    return _ONEDNN and torch.device(device).type == "cpu" and dtype == torch.float32
 
 
 def packed_weight(weight: Tensor) -> Tensor:
@@ -45,7 +45,7 @@ torch.library.define("dyllm::packed_linear", "(Tensor x, Tensor weight, Tensor? 
 
 @torch.library.impl("dyllm::packed_linear", "CPU")
 def _packed_linear_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    if weight.dtype != torch.float32 or x.dtype != weight.dtype or not available(weight.dtype, weight.device):
+    if not _ONEDNN or weight.dtype != torch.float32 or x.dtype != torch.float32:
         return F.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] == 0:
