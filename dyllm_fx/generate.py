@@ -21,7 +21,7 @@ class StepRecord:
     block: int
     step: int  # step index within the block
     inputs: torch.LongTensor  # [B, L] x before this step's commit
-    argmax: torch.LongTensor  # [B, L] noise-free argmax of the (shifted) logits
+    argmax: torch.LongTensor  # [B, gen_length] noise-free argmax of the (shifted) logits of the generated part
     committed: torch.BoolTensor  # [B, L] positions changed by this step (EOS fill included)
     num_committed: list[int]  # per sequence
 
@@ -251,13 +251,13 @@ def generate(model, input_ids, *, gen_length: int, steps: int, block_length: int
                 if forward_calls == 0:
                     _check_in_vocab(mask_id, logits.shape[-1], "the logits' last dimension")
                 forward_calls += 1
-                argmax = _argmax(logits, mask_id)[:, predictor]
+                argmax = _argmax(logits[:, predictor[P:]], mask_id)  # the generated part only: half the work
                 block_logits = logits[:, predictor[start:end]].index_fill_(-1, mask_column, -math.inf)
                 if temperature > 0:
                     uniform = torch.rand(block_logits.shape, dtype=torch.float64, device=device)
                     x0 = (block_logits.double() - temperature * torch.log(-torch.log(uniform))).argmax(-1)
                 else:
-                    x0 = argmax[:, start:end]
+                    x0 = argmax[:, start - P:end - P]
                 confidence = _confidence(block_logits, x0, remasking)
                 num_tokens = schedule[step] if confidence_threshold is None else 1
                 select = _select(confidence, candidates, num_tokens, confidence_threshold)
@@ -292,8 +292,8 @@ def teacher_forced_agreement(model, output: GenerateOutput, *, mask_id: int, shi
     predictor = _shift_index(first.shape[1], shift_logits, first.device)
     agree = total = 0
     for record in output.records:
-        argmax = _argmax(_forward(model, record.inputs, mask4d, position_ids), mask_id)[:, predictor]
+        argmax = _argmax(_forward(model, record.inputs, mask4d, position_ids)[:, predictor[P:]], mask_id)
         masked = record.inputs[:, P:] == mask_id
-        agree += int((masked & (argmax[:, P:] == record.argmax[:, P:])).sum())
+        agree += int((masked & (argmax == record.argmax)).sum())
         total += int(masked.sum())
     return agree / total if total else math.nan

@@ -173,7 +173,7 @@ def test_shift_logits_reads_the_previous_position():
     ids = torch.tensor([targets[:2]])
     shifted = generate(model, ids, gen_length=6, steps=6, block_length=3, shift_logits=True)
     assert shifted.generated.tolist() == [targets[2:]]
-    assert shifted.records[0].argmax[0, 2:].tolist() == targets[2:]
+    assert shifted.records[0].argmax[0].tolist() == targets[2:]
     plain = generate(model, ids, gen_length=6, steps=6, block_length=3)
     assert plain.generated.tolist() != [targets[2:]]
 
