@@ -3,12 +3,37 @@
     python benchmarks/profile_step.py --policy full --tau 0.99 [--model smollm2_dream] [--steps 16] [--kernel-profile]
 
 Decodes the benchmark's default batch (GSM8K prompts) with the dyllm backend, then profiles the
-last `--profiled` forward calls (all sparse) and prints the top ops by self CPU time.
+last `--profiled` forward calls (all sparse) and prints the top ops by self CPU time, then the same time in
+groups (GEMMs, attention, Inductor's kernels, row indexes, the rest), per step and as shares.
 """
 import argparse
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+# (group, test on an op's name); an op goes to the first group whose test it passes. Self times partition the
+# profiled time, so the groups add up to it.
+GROUPS = [
+    ("GEMMs (aten::mm/addmm, oneDNN linear)", lambda n: n in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")),
+    ("attention (SDPA)", lambda n: "scaled_dot_product" in n),
+    ("Inductor's C++ kernels (gathers, norms, RoPE, SwiGLU, cache writes, saliency)",
+     lambda n: n.startswith("graph_") and "_cpp_" in n),
+    ("row indexes (select_rows, nonzero)", lambda n: n in ("dyllm::select_rows", "aten::nonzero")),
+    ("packed_linear's own Python", lambda n: n == "dyllm::packed_linear"),
+    ("the rest (graph wrapper, Dynamo guards, views, allocations)", lambda n: True),
+]
+
+
+def grouped(events, steps: int) -> str:
+    """Self CPU time of the profiled steps in GROUPS: ms per step and share, one line each."""
+    totals = dict.fromkeys([name for name, _ in GROUPS], 0.0)
+    for e in events:
+        group = next(name for name, test in GROUPS if test(e.key))
+        totals[group] += e.self_cpu_time_total / 1000.0
+    whole = sum(totals.values()) or 1.0
+    lines = [f"{whole / steps:.1f} ms per step (self CPU time):"]
+    lines += [f"  {100 * ms / whole:5.1f} %  {ms / steps:6.1f} ms  {name}" for name, ms in totals.items()]
+    return "\n".join(lines)
 
 import dyllm_fx
 from dyllm_fx.bench import _prompts
@@ -59,7 +84,9 @@ def main():
             for i in range(args.steps, args.steps + args.profiled):
                 step(i)
     print(f"{args.model} policy={args.policy} tau={args.tau}, {args.profiled} sparse steps profiled")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    print(grouped(events, args.profiled))
     print(f"mean salient fraction over the sparse steps: {dyllm_fx.stats(model)[0].mean_salient_fraction:.3f}")
 
 

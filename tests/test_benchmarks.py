@@ -1,16 +1,38 @@
-"""The GPU kernel benchmark runs end to end at toy sizes (under the Triton interpreter on CPU)."""
+"""The scripts in `benchmarks/`: the GPU kernel table end to end at toy sizes (under the Triton interpreter on
+CPU), and the step profile's grouping of op times."""
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 
+def _script(name):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_kernel_table_runs_at_tiny_sizes(capsys):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
-    spec = importlib.util.spec_from_file_location("kernel_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _script("kernels")
     rows = bench.main(["--tiny", "--device", "cuda" if torch.cuda.is_available() else "cpu"])
     assert len(rows) == 2 * len(bench.FRACTIONS) + len(bench.CHANGED)
     assert all(r["ms"] > 0 and r["dense_ms"] > 0 for r in rows)
     assert "time / ideal" in capsys.readouterr().out
+
+
+def test_step_profile_groups_add_up_to_the_profiled_time():
+    profile_step = _script("profile_step")
+    events = [SimpleNamespace(key=k, self_cpu_time_total=us) for k, us in [
+        ("aten::mm", 3000.0), ("mkldnn::_linear_pointwise", 1000.0), ("aten::_scaled_dot_product_flash_attention_for_cpu",
+         2000.0), ("graph_0_cpp_fused_add_0", 1000.0), ("dyllm::select_rows", 500.0), ("aten::nonzero", 500.0),
+        ("aten::view", 2000.0)]]
+    text = profile_step.grouped(events, steps=2)
+    lines = text.splitlines()
+    assert lines[0] == "5.0 ms per step (self CPU time):"
+    shares = {line.split("ms  ")[1]: float(line.split("%")[0]) for line in lines[1:]}
+    assert shares[profile_step.GROUPS[0][0]] == 40.0 and shares[profile_step.GROUPS[1][0]] == 20.0
+    assert shares[profile_step.GROUPS[3][0]] == 10.0 and shares[profile_step.GROUPS[-1][0]] == 20.0
+    assert abs(sum(shares.values()) - 100.0) < 0.5
