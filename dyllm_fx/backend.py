@@ -98,6 +98,13 @@ def _allow_data_dependent_sizes(example_inputs) -> None:
         shape_env.settings = dataclasses.replace(shape_env.settings, allow_dynamic_output_shape_ops=True)
 
 
+def _packed_bytes(linears) -> int:
+    """Bytes of the oneDNN copies `packed_linear` makes: each distinct fp32 weight of a gated linear, once."""
+    weights = {l.node.args[1]: l.node.args[1].meta.get("example_value") for l in linears if l.region is not None}
+    return sum(w.numel() * w.element_size() for w in weights.values()
+               if isinstance(w, torch.Tensor) and w.dtype == torch.float32)
+
+
 class SourceKey(CustomGraphPass):
     """A post-grad pass that does nothing but key Inductor's FX-graph cache on this package's sources:
     a cached graph compiled against other versions of our ops (fake impls, layouts) is never reused."""
@@ -196,6 +203,8 @@ class CompiledGraph:
         result = SaliencyRewrite(rewritten, r_analysis, r_sites, r_linears, self.options.tau,
                                  self.options.exact_below(device), self.compact, self.options.packed(device)).run()
         self.report.cache_points = result.cache_points
+        if self.options.packed(device):
+            self.report.packed_bytes = _packed_bytes(self.linears)
         others = [i for i, (n, e) in enumerate(zip(placeholders, example_inputs))
                   if i != token_index and _is_user_input(n, e)]
         self.state = SequenceState(result.buffers, device, self.options, token_index, others)

@@ -43,6 +43,7 @@ class Report:
     linears: list = field(default_factory=list)
     cache_points: list = field(default_factory=list)
     cache_bytes: int = 0
+    packed_bytes: int = 0  # oneDNN copies of the gated linears' weights (`packed_weights`)
     batch: int = 0
     seq_len: int = 0
 
@@ -81,4 +82,7 @@ class Report:
         if self.batch:
             out.append(f"cache: {self.cache_bytes / 2**20:.2f} MiB for {self.batch} x {self.seq_len} tokens "
                        f"({self.cache_bytes_per_token / 1024:.1f} KiB per token), {len(self.cache_points)} cache points")
+        if self.packed_bytes:
+            out.append(f"packed weights: {self.packed_bytes / 2**20:.2f} MiB, oneDNN copies of the gated linears' "
+                       "fp32 weights (option packed_weights; False saves the memory, costs speed on CPU)")
         return "\n\n".join(out)

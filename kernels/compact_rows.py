@@ -25,15 +25,23 @@ from .row_layout import flat_index, row_axes, rows_view
 from .sparse_rows_linear import MIN_ROWS
 
 
-@torch.library.custom_op("dyllm::select_rows", mutates_args=())
-def select_rows(rows: Tensor) -> Tensor:
+# `torch.library.define`/`impl`, not `custom_op`: ~30 of these run per step, and `custom_op`'s Python wrapper
+# costs more than the `nonzero` itself (see `packed_linear.py`).
+torch.library.define("dyllm::select_rows", "(Tensor rows) -> Tensor")
+
+
+@torch.library.impl("dyllm::select_rows", "CompositeExplicitAutograd")
+def _select_rows(rows: Tensor) -> Tensor:
     return flat_index(rows)
 
 
-@select_rows.register_fake
+@torch.library.register_fake("dyllm::select_rows")
 def _(rows):
     n = torch.library.get_ctx().new_dynamic_size(max=rows.numel())
     return rows.new_empty(n, dtype=torch.int64)
+
+
+select_rows = torch.ops.dyllm.select_rows.default
 
 
 def take_rows(t: Tensor, index: Tensor, batch_axis: int, token_axis: int) -> Tensor:

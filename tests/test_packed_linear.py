@@ -88,3 +88,13 @@ def test_packed_weights_under_inductor_stay_within_rounding_of_eager():
     with rows_seen_by_gated_linears() as seen:
         run_both(model, compiled, steps)
     assert any(0 < n < total for n, total in seen), f"the gated linears never ran on a strict subset of rows: {seen}"
+
+
+def test_explain_reports_the_packed_copies():
+    model = llada_like(hidden_size=16, num_layers=2, num_heads=2, head_dim=8, vocab_size=53)
+    ids = torch.randint(0, 50, (2, 9))
+    (packed,) = dyllm_fx.explain(model, ids, options={"tau": 0.99, "policy": "full"})
+    (exact,) = dyllm_fx.explain(model, ids, options={"tau": 1.0, "policy": "full"})
+    gated = packed.gated
+    assert packed.packed_bytes == 4 * sum(int(l.node.args[1].meta["example_value"].numel()) for l in gated) > 0
+    assert "packed weights:" in str(packed) and exact.packed_bytes == 0 and "packed weights" not in str(exact)
