@@ -23,8 +23,8 @@ class Options:
     on full-size tensors under a row mask (static shapes, no host synchronisation: the GPU path); None: True
     on CPU, False on GPU.
     `packed_weights`: on the compact path, gated linears run oneDNN on a prepacked copy of their weight
-    (`kernels/packed_linear.py`): 1.5-2.5x faster at a sparse step's few rows on CPU, one more copy of those
-    weights in memory, results off `F.linear`'s by fp32 rounding; None: on below tau = 1.0 (at 1.0 the
+    (`kernels/packed_linear.py`): faster at a sparse step's few rows on CPU (README), one more copy of
+    those weights in memory, results off `F.linear`'s by fp32 rounding; None: on below tau = 1.0 (at 1.0 the
     rewritten model reproduces the original bit for bit on CPU)."""
 
     tau: float = 0.99

@@ -1,8 +1,8 @@
 """`packed_linear`: a CPU linear on a weight prepacked once for oneDNN (the compact path's GEMM below tau = 1).
 
 MKL's fp32 GEMM, which `F.linear` calls on CPU, repacks the weight on every call. At the few rows of a sparse
-step that repacking costs more than the arithmetic: on 2 cores, SmolLM2's 49152 x 576 LM head on 12 rows takes
-23 ms through `F.linear` and 9 ms through oneDNN on a prepacked weight (about the time to read the weight once).
+step that repacking costs more than the arithmetic (a micro-benchmark on 2 cores: SmolLM2's 49152 x 576 LM head
+on 12 rows, 23 ms through `F.linear`, 9 ms through oneDNN on a prepacked weight, about the time to read it once).
 
 oneDNN's GEMM on a packed weight is batch invariant: a row's result does not depend on how many other rows are in
 the call (tested), so unlike `compact_rows.rows_linear` no padding rows are needed. Its summation order differs
@@ -38,8 +38,8 @@ def packed_weight(weight: Tensor) -> Tensor:
     return entry[1]
 
 
-# Defined with `torch.library.define`/`impl` rather than `custom_op`: its per-call Python wrapper costs ~90 us,
-# more than the GEMM itself at a sparse step's few rows (~200 such calls per step); a plain kernel costs ~30 us.
+# Defined with `torch.library.define`/`impl` rather than `custom_op`: in a micro-benchmark `custom_op`'s per-call
+# Python wrapper cost ~90 us, more than the GEMM at a sparse step's few rows (~200 calls per step), this ~30 us.
 torch.library.define("dyllm::packed_linear", "(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 
 
