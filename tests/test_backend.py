@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dyllm_fx
 from dyllm_fx.models import dream_like, llada_like, tiny_dllm
-from trajectories import logits_of, rows_seen_by_gated_linears, run_both, trajectory
+from trajectories import left_to_right, logits_of, rows_seen_by_gated_linears, run_both, trajectory
 from dyllm_fx.report import where
 
 FAST = dict(lowering="eager", dense_steps=1)
@@ -48,13 +48,7 @@ def test_tau_one_reproduces_eager_under_inductor(kind, policy, exact_below, comp
     model = build(kind, 2, 2, 2, 8, 0)
     compiled = torch.compile(model, backend=dyllm_fx.backend(tau=1.0, policy=policy, dense_steps=1, compact_rows=compact,
                                                              exact_attention_below=exact_below), dynamic=False)
-    mask_id = model.config.mask_token_id
-    ids = torch.full((2, 10), mask_id)
-    ids[:, :3] = torch.arange(6).view(2, 3)
-    steps = [ids.clone()]
-    for pos in range(3, 7):
-        ids[:, pos] = pos
-        steps.append(ids.clone())
+    steps = left_to_right(model.config.mask_token_id)
     run_both(model, compiled, steps)
 
 

@@ -9,7 +9,7 @@ from dyllm_fx.backend import graphs_of
 from dyllm_fx.kernels import packed_linear as packed
 from dyllm_fx.kernels.compact_rows import rows_linear
 from dyllm_fx.models import llada_like
-from trajectories import rows_seen_by_gated_linears, run_both
+from trajectories import left_to_right, rows_seen_by_gated_linears, run_both
 
 ops = torch.ops.dyllm
 needs_onednn = pytest.mark.skipif(not packed.available(torch.float32, "cpu"), reason="torch built without oneDNN")
@@ -78,13 +78,7 @@ def test_packed_weights_under_inductor_stay_within_rounding_of_eager():
     model = llada_like(hidden_size=16, num_layers=2, num_heads=2, head_dim=8, vocab_size=97, seed=0)
     compiled = torch.compile(model, backend=dyllm_fx.backend(tau=1.0, policy="full", dense_steps=1,
                                                              packed_weights=True), dynamic=False)
-    mask_id = model.config.mask_token_id
-    ids = torch.full((2, 10), mask_id)
-    ids[:, :3] = torch.arange(6).view(2, 3)
-    steps = [ids.clone()]
-    for pos in range(3, 7):
-        ids[:, pos] = pos
-        steps.append(ids.clone())
+    steps = left_to_right(model.config.mask_token_id)
     with rows_seen_by_gated_linears() as seen:
         run_both(model, compiled, steps)
     assert any(0 < n < total for n, total in seen), f"the gated linears never ran on a strict subset of rows: {seen}"

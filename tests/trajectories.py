@@ -35,6 +35,18 @@ def trajectory(draw, batch, length, mask_id):
     return steps
 
 
+def left_to_right(mask_id):
+    """A short fixed trajectory for the Inductor tests: 2 sequences of 10 tokens, 3 prompt tokens, then positions
+    3-6 committed one per step."""
+    ids = torch.full((2, 10), mask_id)
+    ids[:, :3] = torch.arange(6).view(2, 3)
+    steps = [ids.clone()]
+    for pos in range(3, 7):
+        ids[:, pos] = pos
+        steps.append(ids.clone())
+    return steps
+
+
 def run_both(model, compiled, steps, atol=1e-4, **kwargs):
     """Every step through the eager model and the compiled one (same extra kwargs): logits within `atol`,
     same argmax."""
