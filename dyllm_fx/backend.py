@@ -125,6 +125,24 @@ def _source_hash() -> bytes:
     return get_hash_for_files(tuple(sorted(str(f) for d in folders for f in d.glob("*.py"))))
 
 
+def _cacheable(gm: fx.GraphModule) -> dict:
+    """Config patches that let AOTAutograd's cache hold the rewritten graph. It refuses a graph that calls plain
+    Python functions it does not know (ours: `take_rows`, `put_rows`, the attention step, ...), so every compile
+    of the rewritten graph would trace it again (about a minute on the default model). Each of our functions is
+    marked cacheable under this package's source hash, which is part of the cache key: an entry made by other
+    sources is never reused."""
+    key = "unsafe_marked_cacheable_functions"
+    if not hasattr(torch._inductor.config, key):
+        return {}
+    ours = {f"{n.target.__module__}.{n.target.__name__}" for n in gm.graph.nodes if n.op == "call_function"
+            and getattr(n.target, "__module__", "").startswith("dyllm_fx.") and callable(n.target)}
+    if not ours:
+        return {}
+    marked = dict(getattr(torch._inductor.config, key))
+    marked.update(dict.fromkeys(sorted(ours), _source_hash().hex()))
+    return {key: marked}
+
+
 class CompiledGraph:
     """One graph compiled by the dyllm backend: the rewritten callable, its state and its report."""
 
@@ -149,6 +167,7 @@ class CompiledGraph:
             _allow_data_dependent_sizes(example_inputs)
         patches = dict(torch._inductor.list_mode_options(self.mode)) if self.mode else {}
         patches["post_grad_custom_post_pass"] = SourceKey()
+        patches.update(_cacheable(gm))
         return compile_fx(gm, example_inputs, config_patches=patches)
 
     def _fallback(self, gm, example_inputs, why: str, warn: bool = True):

@@ -103,7 +103,7 @@ class SaliencyRewrite:
         if region not in self.index:
             with self.graph.inserting_before(before):
                 index = self.graph.call_function(ops.select_rows.default, (self.rows[region],))
-                count = self.graph.call_method("size", (index, 0))
+                count = self.graph.call_function(torch.ops.aten.sym_size.int, (index, 0))
             self.index[region] = index, count
         return self.index[region]
 

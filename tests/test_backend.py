@@ -52,6 +52,24 @@ def test_tau_one_reproduces_eager_under_inductor(kind, policy, exact_below, comp
     run_both(model, compiled, steps)
 
 
+@pytest.mark.slow
+def test_compiling_the_same_graph_again_reuses_aotautograd_cache():
+    from torch._dynamo.utils import counters
+
+    model = build("llada", 1, 2, 1, 8, 0)
+    steps = left_to_right(model.config.mask_token_id)
+    for _ in range(2):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, dense_steps=1), dynamic=False)
+        with torch.no_grad():
+            for ids in steps:
+                compiled(ids)
+    assert counters["aot_autograd"]["autograd_cache_hit"] == 1, dict(counters["aot_autograd"])
+    (g,) = dyllm_fx.stats(model)
+    assert g.sparse_steps >= 1
+
+
 def _decode_steps(model, compiled, length=24, batch=2, n=10):
     mask_id = model.config.mask_token_id
     torch.manual_seed(0)
