@@ -31,6 +31,7 @@ from .regions import LinearSite
 from .token_axis import TokenAxisAnalysis, tensor_meta
 
 ops = torch.ops.dyllm
+HEADS_INNER = (0, 2, 1, 3)  # memory order of a [B, H, L, D] cache stored [B, L, H, D] (rows outer), as SDPA returns it
 
 
 @dataclass
@@ -188,38 +189,36 @@ class SaliencyRewrite:
             return self._exact_attention(site, q, k, v, mask)
         # CPU: caches stored [B, L, H, D] like SDPA's output and the compact K/V cache points, so that the op's
         # row-masked `where`s run on matching, vectorisable layouts
-        rows_first, lse_order = ((0, 2, 1, 3), (0, 2, 1)) if self.compact else (None, None)
+        rows_first, lse_order = (HEADS_INNER, HEADS_INNER[:3]) if self.compact else (None, None)
         caches = [
             self._input(f"k_cache_{i}", tuple(ke.shape), ke.dtype, "k_cache", dev, rows_first),
             self._input(f"v_cache_{i}", tuple(ve.shape), ve.dtype, "v_cache", dev, rows_first),
             self._input(f"context_{i}", tuple(qe.shape), torch.float32, "context", dev, rows_first),
             self._input(f"lse_{i}", tuple(qe.shape[:3]), torch.float32, "lse", dev, lse_order),
         ]
-        with self.graph.inserting_before(site.output):
-            delta = self.graph.call_function(
-                ops.delta_attention.default,
-                (q, k, v, mask, kv_rows, self.query_rows, self.rows[-1], self.dense, *caches, self.stats, i,
-                 site.scale, self.tau, self.exact_below, site.k_memory, site.v_memory, site.softcap or 0.0))
-            out = self.graph.call_function(operator.getitem, (delta, 0))
-            rows = self.graph.call_function(operator.getitem, (delta, 1))
-        out.meta["example_value"] = tensor_meta(site.output)
-        site.output.replace_all_uses_with(out)
-        self.rows[i] = rows
+        self._replace_attention(site, ops.delta_attention.default, (
+            q, k, v, mask, kv_rows, self.query_rows, self.rows[-1], self.dense, *caches, self.stats, i,
+            site.scale, self.tau, self.exact_below, site.k_memory, site.v_memory, site.softcap or 0.0))
 
     def _exact_attention(self, site: AttentionSite, q, k, v, mask) -> None:
         """Every query row recomputed by one SDPA call over the complete K/V, traced into the graph."""
         qe, i = tensor_meta(site.q), site.index
-        context = self._input(f"context_{i}", tuple(qe.shape), torch.float32, "context", qe.device, (0, 2, 1, 3))
+        context = self._input(f"context_{i}", tuple(qe.shape), torch.float32, "context", qe.device, HEADS_INNER)
+        step = self._replace_attention(site, exact_attention_step, (
+            q, k, v, mask, self.query_rows, self.rows[-1], context, self.stats, i, site.scale, self.tau))
+        self.writes.add(step)
+
+    def _replace_attention(self, site: AttentionSite, target, args: tuple) -> fx.Node:
+        """Calls `target(*args)` (-> attention output, salient rows) in place of the attention at `site`; its
+        salient rows become the row set of the region the attention gates. Returns the call node."""
         with self.graph.inserting_before(site.output):
-            step = self.graph.call_function(
-                exact_attention_step,
-                (q, k, v, mask, self.query_rows, self.rows[-1], context, self.stats, i, site.scale, self.tau))
+            step = self.graph.call_function(target, args)
             out = self.graph.call_function(operator.getitem, (step, 0))
             rows = self.graph.call_function(operator.getitem, (step, 1))
-        self.writes.add(step)
         out.meta["example_value"] = tensor_meta(site.output)
         site.output.replace_all_uses_with(out)
-        self.rows[i] = rows
+        self.rows[site.index] = rows
+        return step
 
     def _propagate(self, node: fx.Node) -> None:
         partial_inputs = [a for a in node.all_input_nodes if a in self.partial]
