@@ -11,6 +11,12 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import dyllm_fx
+from dyllm_fx.bench import _prompts
+from dyllm_fx.generate import _attention_inputs
+from dyllm_fx.models import get_model
+
+
 # (group, test on an op's name); an op goes to the first group whose test it passes. Self times partition the
 # profiled time, so the groups add up to it.
 GROUPS = [
@@ -34,11 +40,6 @@ def grouped(events, steps: int) -> str:
     lines = [f"{whole / steps:.1f} ms per step (self CPU time):"]
     lines += [f"  {100 * ms / whole:5.1f} %  {ms / steps:6.1f} ms  {name}" for name, ms in totals.items()]
     return "\n".join(lines)
-
-import dyllm_fx
-from dyllm_fx.bench import _prompts
-from dyllm_fx.generate import _attention_inputs
-from dyllm_fx.models import get_model
 
 
 def main():

@@ -135,7 +135,7 @@ def _cacheable(gm: fx.GraphModule) -> dict:
     if not hasattr(torch._inductor.config, key):
         return {}
     ours = {f"{n.target.__module__}.{n.target.__name__}" for n in gm.graph.nodes if n.op == "call_function"
-            and getattr(n.target, "__module__", "").startswith("dyllm_fx.") and callable(n.target)}
+            and getattr(n.target, "__module__", "").startswith("dyllm_fx.")}
     if not ours:
         return {}
     marked = dict(getattr(torch._inductor.config, key))
@@ -218,11 +218,11 @@ class CompiledGraph:
         r_sites = find_attention(rewritten, r_analysis)
         r_linears = plan_linears(rewritten, r_analysis, r_sites, self.options.policy)
         device = example_inputs[token_index].device
-        self.compact = self.options.compact(device)
+        self.compact, packed = self.options.compact(device), self.options.packed(device)
         result = SaliencyRewrite(rewritten, r_analysis, r_sites, r_linears, self.options.tau,
-                                 self.options.exact_below(device), self.compact, self.options.packed(device)).run()
+                                 self.options.exact_below(device), self.compact, packed).run()
         self.report.cache_points = result.cache_points
-        if self.options.packed(device):
+        if packed:
             self.report.packed_bytes = _packed_bytes(self.linears)
         others = [i for i, (n, e) in enumerate(zip(placeholders, example_inputs))
                   if i != token_index and _is_user_input(n, e)]

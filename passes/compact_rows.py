@@ -15,6 +15,7 @@ import torch
 from torch import fx
 
 from dyllm_fx.kernels.compact_rows import rows_linear, take_rows, take_token_rows
+from dyllm_fx.kernels.packed_linear import packed_linear
 
 from .token_axis import ELEMENTWISE, IDENTITY_DROPOUT, RowAxes, TokenAxisAnalysis, op_name, tensor_meta
 
@@ -30,7 +31,7 @@ class CompactOps:
     def __init__(self, graph: fx.Graph, analysis: TokenAxisAnalysis, packed: bool = False):
         self.graph, self.analysis = graph, analysis
         # a linear on compact rows: oneDNN on a prepacked weight, or MKL padded to exactness (`rows_linear`)
-        self.linear = torch.ops.dyllm.packed_linear.default if packed else rows_linear
+        self.linear = packed_linear if packed else rows_linear
 
     def take(self, x: fx.Node, axes: RowAxes, index: fx.Node, before: fx.Node) -> fx.Node:
         """The compact rows of the full tensor `x` (axes `axes`), computed just before `before`."""
