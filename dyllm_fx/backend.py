@@ -222,6 +222,7 @@ class CompiledGraph:
         result = SaliencyRewrite(rewritten, r_analysis, r_sites, r_linears, self.options.tau,
                                  self.options.exact_below(device), self.compact, packed).run()
         self.report.cache_points = result.cache_points
+        self.report.attention = result.attention
         if packed:
             self.report.packed_bytes = _packed_bytes(self.linears)
         others = [i for i, (n, e) in enumerate(zip(placeholders, example_inputs))

@@ -42,6 +42,7 @@ class Report:
     sites: list = field(default_factory=list)
     linears: list = field(default_factory=list)
     cache_points: list = field(default_factory=list)
+    attention: dict = field(default_factory=dict)  # site index -> form of its sparse step (`RewriteResult`)
     cache_bytes: int = 0
     packed_bytes: int = 0  # oneDNN copies of the gated linears' weights (`packed_weights`)
     batch: int = 0
@@ -70,7 +71,8 @@ class Report:
             out.append(table(
                 ["attention", "module", "kind", "heads", "kv heads", "head dim", "mask", "replaced by"],
                 [[s.index, where(s.output), s.kind, s.heads, s.kv_heads, s.head_dim, mask_kind(s),
-                  "delta attention" if s.supported else f"dense: {s.reason}"] for s in self.sites]))
+                  f"delta attention: {self.attention.get(s.index, '?')}" if s.supported else f"dense: {s.reason}"]
+                 for s in self.sites]))
         if self.linears:
             out.append(table(
                 ["linear", "class", "weight", "rows computed"],

@@ -7,6 +7,8 @@ and axis order of its full counterpart, with the batch axis of size 1 and the to
 Row-wise ops run on compact tensors unchanged, so a region's pointwise work, norms and matmuls all shrink
 with `n`, and Inductor compiles the gathers and the region's pointwise ops into its own kernels.
 
+- `select_rows_per_sequence(rows)`: per sequence, the set rows padded to the largest count (`[B, n]`), for
+  work that must stay within a sequence (the incremental attention's columns and exact rows).
 - `take_rows(t, index, batch_axis, token_axis)`: the compact tensor of a full one (a gather).
 - `rows_linear(x, weight, bias)`: a linear on a compact tensor, exact against the dense one on CPU.
 - `put_rows(cache, index, values, batch_axis, token_axis)`: writes a compact tensor into the rows of its
@@ -42,6 +44,30 @@ def _(rows):
 
 
 select_rows = torch.ops.dyllm.select_rows.default
+
+torch.library.define("dyllm::select_rows_per_sequence", "(Tensor rows) -> Tensor")
+
+
+@torch.library.impl("dyllm::select_rows_per_sequence", "CompositeExplicitAutograd")
+def _select_rows_per_sequence(rows: Tensor) -> Tensor:
+    n = min(max(int(rows.sum(1).max()) if rows.numel() else 0, 2), rows.shape[1])
+    order = torch.sort(rows.to(torch.int8), dim=1, descending=True, stable=True).indices
+    return order[:, :n].contiguous()
+
+
+@torch.library.register_fake("dyllm::select_rows_per_sequence")
+def _(rows):
+    L = rows.shape[1]
+    if isinstance(L, int) and L <= 2:
+        return rows.new_empty(rows.shape, dtype=torch.int64)
+    n = torch.library.get_ctx().new_dynamic_size(min=2, max=L if isinstance(L, int) else None)
+    return rows.new_empty(rows.shape[0], n, dtype=torch.int64)
+
+
+# `[B, L]` mask -> `[B, n]`: per sequence, its set rows ascending, then its other rows ascending, cut at the
+# largest count `n`, at least 2 (or L): Inductor's bmm lowering cannot decide `n == 1` for an unbacked `n`.
+# Every slot names a real row of its sequence, each row at most once.
+select_rows_per_sequence = torch.ops.dyllm.select_rows_per_sequence.default
 
 
 def take_rows(t: Tensor, index: Tensor, batch_axis: int, token_axis: int) -> Tensor:

@@ -21,7 +21,9 @@ Both run on the reference path (the Triton kernel has neither).
 
 When the key length is at most `exact_below`, every query row is recomputed exactly by one SDPA call
 instead: at short lengths that costs less than the incremental update's many small ops (CPU), and it
-is exact. The backend sets it per device (`Options.exact_attention_below`).
+is exact. The backend sets it per device (`Options.exact_attention_below`). On the compact (CPU) path the
+backend calls this op only for attentions with a memory or a soft-cap; the others trace `exact_attention.py` or
+`incremental_attention.py` (the same rules) into the graph.
 
 Saliency: a query row is salient when `cos(new context, cached context) < tau` over all heads; with
 `tau >= 1` any change at all makes it salient (exactness). Rows in `always_rows` (the tokens that

@@ -24,6 +24,7 @@ from torch import fx
 from dyllm_fx import kernels  # noqa: F401  (registers torch.ops.dyllm)
 from dyllm_fx.kernels import compact_rows
 from dyllm_fx.kernels.exact_attention import exact_attention_step
+from dyllm_fx.kernels.incremental_attention import incremental_attention_step
 
 from .attention import AttentionSite
 from .compact_rows import CompactOps
@@ -49,6 +50,7 @@ class BufferSpec:
 class RewriteResult:
     buffers: list[BufferSpec] = field(default_factory=list)
     cache_points: list[tuple[str, str]] = field(default_factory=list)  # (node name, region)
+    attention: dict[int, str] = field(default_factory=dict)  # site index -> how its sparse step is computed
 
 
 class SaliencyRewrite:
@@ -185,10 +187,13 @@ class SaliencyRewrite:
                 mask.meta["example_value"] = tensor_meta(site.mask) * site.mask_scale
         qe, ke, ve = tensor_meta(site.q), tensor_meta(site.k), tensor_meta(site.v)
         i, dev = site.index, qe.device
-        if self.compact and site.k_memory is None and not site.softcap and int(ke.shape[2]) <= self.exact_below:
-            return self._exact_attention(site, q, k, v, mask)
+        if self.compact and site.k_memory is None and not site.softcap:
+            if kv_rows is None or int(ke.shape[2]) <= self.exact_below:
+                return self._exact_attention(site, q, k, v, mask)
+            return self._incremental_attention(site, q, k, v, mask, kv_rows)
         # CPU: caches stored [B, L, H, D] like SDPA's output and the compact K/V cache points, so that the op's
         # row-masked `where`s run on matching, vectorisable layouts
+        self.result.attention[i] = "delta_attention op"
         rows_first, lse_order = (HEADS_INNER, HEADS_INNER[:3]) if self.compact else (None, None)
         caches = [
             self._input(f"k_cache_{i}", tuple(ke.shape), ke.dtype, "k_cache", dev, rows_first),
@@ -203,9 +208,26 @@ class SaliencyRewrite:
     def _exact_attention(self, site: AttentionSite, q, k, v, mask) -> None:
         """Every query row recomputed by one SDPA call over the complete K/V, traced into the graph."""
         qe, i = tensor_meta(site.q), site.index
+        self.result.attention[i] = "every row exact (SDPA, in graph)"
         context = self._input(f"context_{i}", tuple(qe.shape), torch.float32, "context", qe.device, HEADS_INNER)
         step = self._replace_attention(site, exact_attention_step, (
             q, k, v, mask, self.query_rows, self.rows[-1], context, self.stats, i, site.scale, self.tau))
+        self.writes.add(step)
+
+    def _incremental_attention(self, site: AttentionSite, q, k, v, mask, kv_rows) -> None:
+        """Exact rows and the incremental update over the changed columns, traced into the graph."""
+        qe, ke, ve, i = tensor_meta(site.q), tensor_meta(site.k), tensor_meta(site.v), site.index
+        dev = qe.device
+        self.result.attention[i] = "incremental (in graph)"
+        caches = [
+            self._input(f"k_prev_{i}", tuple(ke.shape), ke.dtype, "k_cache", dev, HEADS_INNER),
+            self._input(f"v_prev_{i}", tuple(ve.shape), ve.dtype, "v_cache", dev, HEADS_INNER),
+            self._input(f"context_{i}", tuple(qe.shape), torch.float32, "context", dev, HEADS_INNER),
+            self._input(f"lse_{i}", tuple(qe.shape[:3]), torch.float32, "lse", dev, HEADS_INNER[:3]),
+        ]
+        step = self._replace_attention(site, incremental_attention_step, (
+            q, k, v, mask, kv_rows, self.query_rows, self.rows[-1], self.dense, *caches, self.stats, i,
+            site.scale, self.tau))
         self.writes.add(step)
 
     def _replace_attention(self, site: AttentionSite, target, args: tuple) -> fx.Node:

@@ -291,6 +291,11 @@ def test_explain_reports_rewrite_and_fallback_and_leaves_compiled_models_alone()
     assert report.fallback is None and [s.supported for s in report.sites] == [True, True]
     text = str(report)
     assert text.count("delta attention") == 2 and "saliency of attention 0" in text and "KiB per token" in text
+    assert report.attention == {0: "every row exact (SDPA, in graph)", 1: "every row exact (SDPA, in graph)"}
+    (incremental,) = dyllm_fx.explain(model, ids, options=dict(exact_attention_below=0))
+    assert set(incremental.attention.values()) == {"incremental (in graph)"}
+    (masked,) = dyllm_fx.explain(model, ids, options=dict(compact_rows=False))
+    assert set(masked.attention.values()) == {"delta_attention op"}
     with torch.no_grad():
         compiled(ids)
     (g,) = dyllm_fx.stats(model)  # the explained graph is not the model's: one graph, both calls recorded
