@@ -18,7 +18,8 @@ class Options:
     `mask_id`: the [MASK] token id; enables response-only query rows with a prompt pass every
     `prompt_period` steps, and detects a new sequence when a non-mask token changes.
     `exact_attention_below`: up to this key length, attention recomputes every query row exactly (one
-    SDPA call) instead of the incremental update; None: 256 on CPU, 0 on GPU.
+    SDPA call) instead of the incremental update (exact rows for the changed ones, the changed keys' terms for
+    the others); None: 256 on CPU, 0 on GPU.
     `compact_rows`: run each gated region on its rows alone (data-dependent sizes: the CPU path) instead of
     on full-size tensors under a row mask (static shapes, no host synchronisation: the GPU path); None: True
     on CPU, False on GPU.

@@ -10,7 +10,8 @@ Per query row in `query_rows`:
   `(context, lse)`; the old terms `exp(q.k_old_j) v_old_j` are removed and the new ones added, `O(|A| D)`.
   Exact when `q` did not change. When the changed columns held more than `1 - CANCELLATION_FLOOR` of
   the row's softmax mass, the subtraction would lose precision: that row is recomputed exactly.
-Rows outside `query_rows` keep their cached context.
+Rows outside `query_rows` keep their cached context; it misses this step's changes, so their lse is marked stale
+(`+inf`) and the next step that queries them recomputes them exactly.
 
 `k_memory, v_memory [B, Hk, P, D]` (optional): a fixed memory the queries also attend to, before the `L`
 sequence keys (an encoder's KV cache, as DiffusionGemma's decoder reads it). The mask then covers `L x (P + L)`.
@@ -43,6 +44,12 @@ from .exact_attention import update_context
 from .saliency import saliency_reference
 
 CANCELLATION_FLOOR = 1e-2  # the Triton path (delta_attention_triton.py) uses the same rule
+
+
+def stale_rows(lse_cache: Tensor) -> Tensor:
+    """`[B, L]`: rows whose cached `(context, lse)` missed a step's changes (lse `+inf`, set while they were
+    outside the query rows): they are recomputed exactly, never updated incrementally."""
+    return (lse_cache == math.inf).any(1)
 
 
 def _additive(mask: Optional[Tensor], B: int, L: int, Lk: int) -> Optional[Tensor]:
@@ -158,8 +165,8 @@ def delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_ro
         exact, incremental = changed, ~changed
     else:
         changed = kv_rows if kv_rows is not None else torch.ones(B, L, dtype=torch.bool, device=q.device)
-        exact = changed & query_rows
-        incremental = ~changed & query_rows if bool(changed.any()) else torch.zeros_like(changed)
+        exact = (changed | stale_rows(lse_cache)) & query_rows
+        incremental = ~exact & query_rows if bool(changed.any()) else torch.zeros_like(changed)
 
     cols, col_valid = _select(changed)
     k_old = _take(k_cache, cols, 2).to(torch.float32)
@@ -208,6 +215,7 @@ def delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_ro
         salient = torch.ones(B, L, dtype=torch.bool, device=q.device)
     else:
         salient = saliency_reference(ctx_cache, old_ctx, query_rows, always_rows, tau)
+        lse_cache.masked_fill_(~query_rows[:, None, :], math.inf)
     stats[layer] = torch.stack([salient.sum(), exact.sum(), incremental.sum(),
                                 query_rows.sum() if not is_dense else torch.tensor(B * L)]).to(stats.device)
     return _output(ctx_cache, q.dtype, copy=True), salient

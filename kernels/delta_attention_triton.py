@@ -12,6 +12,7 @@ additive fp32 mask indexed `[b, h, query, key]` through its strides (0 for broad
 `Lq != Lk` works in both kernels. `delta_attention_triton` runs one whole sparse step of the op (self-attention,
 `Lq == Lk`) without a host synchronisation.
 """
+import math
 from typing import Optional
 
 import torch
@@ -19,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .delta_attention import CANCELLATION_FLOOR, _additive
+from .delta_attention import CANCELLATION_FLOOR, _additive, stale_rows
 from .row_index import row_index
 from .saliency import saliency
 from .triton_dot import dot
@@ -204,7 +205,7 @@ def delta_attention_triton(q, k, v, attn_mask, kv_rows, query_rows, always_rows,
     if Lq != Lk:
         raise ValueError(f"delta attention needs self-attention over the token axis (query length {Lq}, key "
                          f"length {Lk}): the kernels take Lq != Lk, the op's row bookkeeping does not yet")
-    exact = changed & query
+    exact = (changed | stale_rows(lse_cache)) & query
     incremental = query & ~exact & changed.any(1, keepdim=True)
 
     # incremental rows first, while the cache still holds the old keys and values
@@ -221,6 +222,7 @@ def delta_attention_triton(q, k, v, attn_mask, kv_rows, query_rows, always_rows,
     rows_attention(q, k_cache, v_cache, mask, rows, row_count, ctx_cache, lse_cache, scale)
 
     salient = saliency(ctx_cache, old_ctx, query_rows, always_rows, tau) | dense_
+    lse_cache.masked_fill_(~query[:, None, :], math.inf)  # stale until queried again (`stale_rows`)
     n_query = torch.where(dense_, B * Lq, query_rows.sum())
     stats[layer] = torch.stack([salient.sum(), exact.sum(), incremental.sum(), n_query]).to(stats.dtype)
     return ctx_cache, salient

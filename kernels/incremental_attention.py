@@ -9,7 +9,7 @@ layer costs a few small GEMMs and fused loops instead of one SDPA over every row
 - exact rows: the changed rows, rows whose update would cancel (`CANCELLATION_FLOOR`), and rows whose
   cached `(context, lse)` is stale, recomputed over every key: `O(|E| L D)`.
 - a row outside `query_rows` keeps its context but misses this step's changes: its lse is marked stale
-  (`+inf`), so the next step that queries it recomputes it exactly.
+  (`+inf`, `stale_rows`), so the next step that queries it recomputes it exactly.
 On a dense step every row is exact and no column is updated incrementally.
 
 `k`, `v` are the complete K/V (the cache points, fresh on `kv_rows`); `k_prev`, `v_prev` hold the K/V of the
@@ -23,21 +23,21 @@ import torch
 from torch import Tensor
 
 from .compact_rows import select_rows_per_sequence
-from .delta_attention import CANCELLATION_FLOOR
+from .delta_attention import CANCELLATION_FLOOR, stale_rows
 from .saliency import saliency_reference
 
 
-def _per_sequence(t: Tensor, index: Tensor, dim: int) -> Tensor:
-    """`t[b, ..., index[b, j], ...]` along `dim` (`t`'s leading axis is the sequence, `index` is `[B, n]`)."""
-    shape = [index.shape[0]] + [1] * (t.dim() - 1)
-    shape[dim] = index.shape[1]
-    size = list(t.shape)
-    size[0], size[dim] = index.shape[0], index.shape[1]
-    return t.expand(index.shape[0], *t.shape[1:]).gather(dim, index.view(shape).expand(size))
+def _rows(t: Tensor, index: Tensor) -> Tensor:
+    """`t [B, G, L, D]` at the rows `index [B, r]` of each sequence: `[B * G * r, D]` (one `index_select`).
+    Matmul operands are built from such 2-D gathers: Inductor cannot order the strides of a buffer whose
+    data-dependent axis sits next to a size-1 one (a single KV head, one query per KV head)."""
+    B, G, L, D = t.shape
+    base = (torch.arange(B, device=t.device)[:, None, None] * G + torch.arange(G, device=t.device)[:, None]) * L
+    return t.reshape(B * G * L, D).index_select(0, (base + index[:, None, :]).reshape(-1))
 
 
-def _mask_bias(attn_mask: Optional[Tensor], B: int, L: int) -> Optional[Tensor]:
-    """The mask as fp32 additive `[B, 1 or H, L, L]` (a view when it broadcasts over the sequences)."""
+def _mask_bias(attn_mask: Optional[Tensor], B: int, H: int, L: int) -> Optional[Tensor]:
+    """The mask as fp32 additive `[B, H, L, L]` (a view of the broadcast mask)."""
     if attn_mask is None:
         return None
     if attn_mask.dtype == torch.bool:
@@ -45,12 +45,7 @@ def _mask_bias(attn_mask: Optional[Tensor], B: int, L: int) -> Optional[Tensor]:
     attn_mask = attn_mask.to(torch.float32)
     while attn_mask.dim() < 4:
         attn_mask = attn_mask.unsqueeze(0)
-    return attn_mask.expand(B, attn_mask.shape[1], L, L)
-
-
-def _heads(t: Tensor, hk: int) -> Tensor:
-    """[B, H or 1, ...] -> [B, Hk or 1, g or 1, ...], to broadcast against grouped queries."""
-    return t.unflatten(1, (hk, t.shape[1] // hk)) if t.shape[1] > 1 else t.unsqueeze(1)
+    return attn_mask.expand(B, H, L, L)
 
 
 def incremental_attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], kv_rows: Tensor,
@@ -58,49 +53,52 @@ def incremental_attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optio
                                v_prev: Tensor, ctx_cache: Tensor, lse_cache: Tensor, stats: Tensor, layer: int,
                                scale: float, tau: float) -> tuple[Tensor, Tensor]:
     B, H, L, D = q.shape
-    Hk = k.shape[1]
-    qf = q.to(torch.float32).unflatten(1, (Hk, H // Hk))  # [B, Hk, g, L, D]
-    kf, vf = k.to(torch.float32).unsqueeze(2), v.to(torch.float32).unsqueeze(2)  # [B, Hk, 1, L, D]
-    bias = _mask_bias(attn_mask, B, L)
-    lse0, c0 = lse_cache.unflatten(1, (Hk, H // Hk)), ctx_cache.unflatten(1, (Hk, H // Hk))
-    stale = (lse_cache == math.inf).any(1)
+    Hk, g = k.shape[1], H // k.shape[1]
+    bias = _mask_bias(attn_mask, B, H, L)
+    stale = stale_rows(lse_cache)
+    heads = lambda t: t.reshape(B * Hk, g * t.shape[2], *t.shape[3:])  # [B, H, x, ...] -> [B * Hk, g * x, ...]
 
-    # incremental: every row, over the changed columns
+    # incremental: every row, over the changed columns' old and new keys/values (`n` each, one bmm for both)
     changed = kv_rows & ~dense
     cols = select_rows_per_sequence(changed)  # [B, n]
-    col_bias = torch.where(changed.gather(1, cols), 0.0, -math.inf)[:, None, None, None, :]
+    n = cols.shape[1]
+    col_bias = torch.where(changed.gather(1, cols), 0.0, -math.inf)[:, None, None, :].expand(B, H, L, n)
     if bias is not None:
-        col_bias = col_bias + _heads(_per_sequence(bias, cols, 3), Hk)
-    k_old, v_old = (_per_sequence(t.to(torch.float32), cols, 2).unsqueeze(2) for t in (k_prev, v_prev))
-    k_new, v_new = (_per_sequence(t, cols, 3) for t in (kf, vf))
-    s_old = (qf @ k_old.transpose(-2, -1)) * scale + col_bias  # [B, Hk, g, L, n]
-    s_new = (qf @ k_new.transpose(-2, -1)) * scale + col_bias
+        col_bias = col_bias + bias.gather(3, cols[:, None, None, :].expand(B, H, L, n))
+    col_bias = heads(col_bias)
+    k_cols = torch.cat([_rows(t.to(torch.float32), cols).view(B * Hk, n, D) for t in (k_prev, k)], 1)
+    v_cols = torch.cat([_rows(t.to(torch.float32), cols).view(B * Hk, n, D) for t in (v_prev, v)], 1)
+    s = torch.bmm(heads(q.to(torch.float32)), k_cols.transpose(1, 2)) * scale + torch.cat([col_bias, col_bias], -1)
+    lse0 = heads(lse_cache)  # [B * Hk, g * L]
     lse_known = torch.where(lse0 == math.inf, 0.0, lse0)
-    m = torch.maximum(lse_known, torch.maximum(s_old.amax(-1), s_new.amax(-1)))
-    w_old, w_new = torch.exp(s_old - m.unsqueeze(-1)), torch.exp(s_new - m.unsqueeze(-1))
+    m = torch.maximum(lse_known, s.amax(-1))
+    w = torch.exp(s - m.unsqueeze(-1))  # [B * Hk, g * L, 2n]: old columns first, then new
     base = torch.exp(lse_known - m)
-    rest = base - w_old.sum(-1)
-    den = rest + w_new.sum(-1)
-    ctx = (c0 * base.unsqueeze(-1) - w_old @ v_old + w_new @ v_new) / den.unsqueeze(-1)
-    lse = m + torch.log(den)
-    cancelled = (rest < CANCELLATION_FLOOR * base).flatten(1, 2).any(1)
+    rest = base - w.narrow(-1, 0, n).sum(-1)
+    den = rest + w.narrow(-1, n, n).sum(-1)
+    sign = torch.cat([w.new_full((n,), -1.0), w.new_ones(n)])
+    ctx = (heads(ctx_cache) * base.unsqueeze(-1) + torch.bmm(w * sign, v_cols)) / den.unsqueeze(-1)
+    ctx, lse = ctx.view(B, H, L, D), (m + torch.log(den)).view(B, H, L)
+    cancelled = (rest < CANCELLATION_FLOOR * base).view(B, H, L).any(1)
 
     # exact: the changed, cancelling and stale rows, over every key
     exact = (kv_rows | dense | cancelled | stale) & query_rows
     incremental = query_rows & ~exact & changed.any(1, keepdim=True)
-    rows = select_rows_per_sequence(exact)  # [B, m]
-    s = (_per_sequence(qf, rows, 3) @ kf.transpose(-2, -1)) * scale  # [B, Hk, g, m, L]
+    rows = select_rows_per_sequence(exact)  # [B, r]
+    r = rows.shape[1]
+    s = torch.bmm(_rows(q.to(torch.float32), rows).view(B * Hk, g * r, D),
+                  k.to(torch.float32).reshape(B * Hk, L, D).transpose(1, 2)) * scale  # [B * Hk, g * r, L]
     if bias is not None:
-        s = s + _heads(_per_sequence(bias, rows, 2), Hk)
+        s = s + heads(bias.gather(2, rows[:, None, :, None].expand(B, H, r, L)))
     lse_rows = torch.logsumexp(s, -1)
-    ctx_rows = torch.exp(s - lse_rows.unsqueeze(-1)) @ vf
-    slots = rows[:, None, None, :]
-    ctx = ctx.scatter(3, slots.unsqueeze(-1).expand(ctx_rows.shape), ctx_rows)  # slots name distinct rows
-    lse = lse.scatter(3, slots.expand(lse_rows.shape), lse_rows)
+    p = torch.exp(s - lse_rows.unsqueeze(-1))
+    ctx_rows = torch.bmm(p, v.to(torch.float32).reshape(B * Hk, L, D)).view(B, H, r, D)
+    ctx = ctx.scatter(2, rows[:, None, :, None].expand(B, H, r, D), ctx_rows)  # slots name distinct rows
+    lse = lse.scatter(2, rows[:, None, :].expand(B, H, r), lse_rows.view(B, H, r))
 
     new = (exact | incremental)[:, None, :]
-    new_ctx = torch.where(new[..., None], ctx.flatten(1, 2), ctx_cache)
-    new_lse = torch.where(new, lse.flatten(1, 2), torch.where(query_rows[:, None, :], lse_cache, math.inf))
+    new_ctx = torch.where(new[..., None], ctx, ctx_cache)
+    new_lse = torch.where(new, lse, torch.where(query_rows[:, None, :], lse_cache, math.inf))
     salient = saliency_reference(new_ctx, ctx_cache, query_rows, always_rows, tau)
     ctx_cache.copy_(new_ctx)
     lse_cache.copy_(new_lse)

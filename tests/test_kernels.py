@@ -105,6 +105,30 @@ def test_delta_attention_falls_back_to_exact_rows_on_cancellation():
     assert torch.allclose(out, sdpa(q, k2, v, None, 1.0), atol=1e-5)
 
 
+@pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
+def test_a_row_left_out_of_the_query_rows_is_recomputed_when_queried_again(triton):
+    """Outside the query rows a row keeps a context that misses the step's changes; the next step that queries it
+    must recompute it, not apply only that step's changes to it."""
+    B, H, L, D = 1, 2, 6, 4
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, generator=gen) for _ in range(3))
+    state = _state(B, H, H, L, D)
+    everyone, nobody = torch.ones(B, L, dtype=torch.bool), torch.zeros(B, L, dtype=torch.bool)
+    rows, rows2, query = nobody.clone(), nobody.clone(), everyone.clone()
+    rows[0, 1], rows2[0, 2], query[0, 4] = True, True, False
+    k1, v1 = k.clone(), v.clone()
+    k1[0, :, 1] += 3.0
+    v1[0, :, 1] += 100.0
+    k2, v2 = k1.clone(), v1.clone()
+    v2[0, :, 2] -= 1.0
+    with triton_on_cpu(triton):
+        ops.delta_attention(q, k, v, None, None, everyone, nobody, torch.tensor(True), *state, 0, 0.5, 0.99, 0)
+        ops.delta_attention(q, k1, v1, None, rows, query, nobody, torch.tensor(False), *state, 0, 0.5, 0.99, 0)
+        out, _ = ops.delta_attention(q, k2, v2, None, rows2, everyone, nobody, torch.tensor(False), *state, 0, 0.5,
+                                     0.99, 0)
+    assert torch.allclose(out, sdpa(q, k2, v2, None, 0.5), atol=1e-5)
+
+
 @pytest.mark.parametrize("exact_below", [0, 1024], ids=["incremental", "one-sdpa"])
 def test_saliency_threshold_and_query_rows(exact_below):
     B, H, L, D = 1, 2, 5, 4
