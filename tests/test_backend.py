@@ -41,11 +41,14 @@ def test_tau_one_reproduces_eager_over_trajectories(data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,policy,exact_below,compact", [
-    ("llada", "full", 0, True), ("tiny", "paper", 0, True), ("dream", "paper", 256, True), ("dream", "full", 0, False)])
-def test_tau_one_reproduces_eager_under_inductor(kind, policy, exact_below, compact):
+@pytest.mark.parametrize("kind,policy,exact_below,compact,kv_heads", [
+    ("llada", "full", 0, True, 2), ("tiny", "paper", 0, True, 2), ("dream", "paper", 256, True, 2),
+    ("dream", "full", 0, False, 2), ("dream", "full", 0, True, 1)])
+def test_tau_one_reproduces_eager_under_inductor(kind, policy, exact_below, compact, kv_heads):
+    """exact_below=0 on the compact path: the incremental attention step compiled by Inductor (one KV head: a
+    size-1 axis beside the data-dependent ones)."""
     torch._dynamo.reset()
-    model = build(kind, 2, 2, 2, 8, 0)
+    model = build(kind, 2, kv_heads, 2, 8, 0)
     compiled = torch.compile(model, backend=dyllm_fx.backend(tau=1.0, policy=policy, dense_steps=1, compact_rows=compact,
                                                              exact_attention_below=exact_below), dynamic=False)
     steps = left_to_right(model.config.mask_token_id)
