@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from dyllm_fx.backend import CompiledGraph, graphs_of
+from dyllm_fx.passes.saliency_rewrite import EVERY_ROW_EXACT
 
 
 @dataclass
@@ -32,7 +33,9 @@ class GraphStats:
 
 
 def _flops(graph: CompiledGraph, record) -> tuple[float, float]:
-    """(dense FLOPs, FLOPs this step needed) from the graph's plan and a step's row counts."""
+    """(dense FLOPs, FLOPs this step needed) from the graph's plan and a step's row counts. Attention needs exact
+    rows over every key and the incremental update (old and new terms of the changed keys) for the others, whichever
+    form the graph computes it in."""
     B, L = graph.report.batch, graph.report.seq_len
     rows = B * L
     counts = record.layer_counts.double()
@@ -52,6 +55,12 @@ def _flops(graph: CompiledGraph, record) -> tuple[float, float]:
         else:
             changed = region_rows.get(s.index - 1, rows) if s.index > 0 else region_rows[-1]
             exact, incremental = float(counts[s.index, 1]), float(counts[s.index, 2])
+            if graph.report.attention.get(s.index) == EVERY_ROW_EXACT:
+                # recomputing every row is the backend's choice on CPU at short lengths, not the policy's need:
+                # count the delta step (changed query rows exact, at most min(changed, query), the others incremental)
+                query = float(counts[s.index, 3])
+                exact = min(changed, query)
+                incremental = query - exact
             needed += 4.0 * s.heads * s.head_dim * (exact * L + 2 * incremental * changed)
     return dense, needed
 

@@ -32,6 +32,8 @@ from .regions import LinearSite
 from .token_axis import TokenAxisAnalysis, tensor_meta
 
 ops = torch.ops.dyllm
+# how an attention's sparse step is computed (`RewriteResult.attention`, shown by `dyllm_fx.explain`)
+EVERY_ROW_EXACT, INCREMENTAL, DELTA_OP = "every row exact (SDPA, in graph)", "incremental (in graph)", "delta_attention op"
 HEADS_INNER = (0, 2, 1, 3)  # memory order of a [B, H, L, D] cache stored [B, L, H, D] (rows outer), as SDPA returns it
 
 
@@ -193,7 +195,7 @@ class SaliencyRewrite:
             return self._incremental_attention(site, q, k, v, mask, kv_rows)
         # CPU: caches stored [B, L, H, D] like SDPA's output and the compact K/V cache points, so that the op's
         # row-masked `where`s run on matching, vectorisable layouts
-        self.result.attention[i] = "delta_attention op"
+        self.result.attention[i] = DELTA_OP
         rows_first, lse_order = (HEADS_INNER, HEADS_INNER[:3]) if self.compact else (None, None)
         caches = [
             self._input(f"k_cache_{i}", tuple(ke.shape), ke.dtype, "k_cache", dev, rows_first),
@@ -208,7 +210,7 @@ class SaliencyRewrite:
     def _exact_attention(self, site: AttentionSite, q, k, v, mask) -> None:
         """Every query row recomputed by one SDPA call over the complete K/V, traced into the graph."""
         qe, i = tensor_meta(site.q), site.index
-        self.result.attention[i] = "every row exact (SDPA, in graph)"
+        self.result.attention[i] = EVERY_ROW_EXACT
         context = self._input(f"context_{i}", tuple(qe.shape), torch.float32, "context", qe.device, HEADS_INNER)
         step = self._replace_attention(site, exact_attention_step, (
             q, k, v, mask, self.query_rows, self.rows[-1], context, self.stats, i, site.scale, self.tau))
@@ -218,7 +220,7 @@ class SaliencyRewrite:
         """Exact rows and the incremental update over the changed columns, traced into the graph."""
         qe, ke, ve, i = tensor_meta(site.q), tensor_meta(site.k), tensor_meta(site.v), site.index
         dev = qe.device
-        self.result.attention[i] = "incremental (in graph)"
+        self.result.attention[i] = INCREMENTAL
         caches = [
             self._input(f"k_prev_{i}", tuple(ke.shape), ke.dtype, "k_cache", dev, HEADS_INNER),
             self._input(f"v_prev_{i}", tuple(ve.shape), ve.dtype, "v_cache", dev, HEADS_INNER),

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import dyllm_fx
 from dyllm_fx.models import dream_like, llada_like, tiny_dllm
 from trajectories import left_to_right, logits_of, rows_seen_by_gated_linears, run_both, trajectory
+from dyllm_fx.passes.saliency_rewrite import DELTA_OP, EVERY_ROW_EXACT, INCREMENTAL
 from dyllm_fx.report import where
 
 FAST = dict(lowering="eager", dense_steps=1)
@@ -98,6 +99,23 @@ def test_below_one_the_graph_is_sparse(policy):
     assert g.mean_salient_fraction < 1
     assert any(n < total for n, total in seen), f"sparse_rows_linear never ran on fewer rows than the sequence {seen}"
     assert g.ideal_speedup > 1
+
+
+def test_ideal_speedup_counts_what_the_policy_needs_whichever_attention_form_runs():
+    """Recomputing every row (one SDPA) or updating incrementally: same salient rows, same ideal."""
+    model = llada_like(num_layers=2, hidden_size=32, num_heads=4, vocab_size=97)
+    ideals = []
+    for exact_below in (0, 1024):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, lowering="eager", dense_steps=1,
+                                                                 exact_attention_below=exact_below), dynamic=False)
+        _decode_steps(model, compiled)
+        (g,) = dyllm_fx.stats(model)
+        ideals.append((g.salient.tolist(), g.ideal_speedup))
+        dyllm_fx.reset(model)
+    (salient_a, ideal_a), (salient_b, ideal_b) = ideals
+    assert salient_a == salient_b and min(min(s) for s in salient_a) < 0.5 and ideal_a > 1
+    assert ideal_a == pytest.approx(ideal_b, rel=0.02)
 
 
 def test_no_recompilation_across_generate():
@@ -294,11 +312,11 @@ def test_explain_reports_rewrite_and_fallback_and_leaves_compiled_models_alone()
     assert report.fallback is None and [s.supported for s in report.sites] == [True, True]
     text = str(report)
     assert text.count("delta attention") == 2 and "saliency of attention 0" in text and "KiB per token" in text
-    assert report.attention == {0: "every row exact (SDPA, in graph)", 1: "every row exact (SDPA, in graph)"}
+    assert report.attention == {0: EVERY_ROW_EXACT, 1: EVERY_ROW_EXACT}
     (incremental,) = dyllm_fx.explain(model, ids, options=dict(exact_attention_below=0))
-    assert set(incremental.attention.values()) == {"incremental (in graph)"}
+    assert set(incremental.attention.values()) == {INCREMENTAL}
     (masked,) = dyllm_fx.explain(model, ids, options=dict(compact_rows=False))
-    assert set(masked.attention.values()) == {"delta_attention op"}
+    assert set(masked.attention.values()) == {DELTA_OP}
     with torch.no_grad():
         compiled(ids)
     (g,) = dyllm_fx.stats(model)  # the explained graph is not the model's: one graph, both calls recorded
