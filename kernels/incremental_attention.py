@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .compact_rows import select_rows_per_sequence
-from .delta_attention import CANCELLATION_FLOOR, stale_rows
+from .delta_attention import CANCELLATION_FLOOR, _additive, stale_rows
 from .saliency import saliency_reference
 
 
@@ -36,25 +36,13 @@ def _rows(t: Tensor, index: Tensor) -> Tensor:
     return t.reshape(B * G * L, D).index_select(0, (base + index[:, None, :]).reshape(-1))
 
 
-def _mask_bias(attn_mask: Optional[Tensor], B: int, H: int, L: int) -> Optional[Tensor]:
-    """The mask as fp32 additive `[B, H, L, L]` (a view of the broadcast mask)."""
-    if attn_mask is None:
-        return None
-    if attn_mask.dtype == torch.bool:
-        attn_mask = torch.where(attn_mask, 0.0, -math.inf)
-    attn_mask = attn_mask.to(torch.float32)
-    while attn_mask.dim() < 4:
-        attn_mask = attn_mask.unsqueeze(0)
-    return attn_mask.expand(B, H, L, L)
-
-
 def incremental_attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], kv_rows: Tensor,
                                query_rows: Tensor, always_rows: Tensor, dense: Tensor, k_prev: Tensor,
                                v_prev: Tensor, ctx_cache: Tensor, lse_cache: Tensor, stats: Tensor, layer: int,
                                scale: float, tau: float) -> tuple[Tensor, Tensor]:
     B, H, L, D = q.shape
     Hk, g = k.shape[1], H // k.shape[1]
-    bias = _mask_bias(attn_mask, B, H, L)
+    bias = None if attn_mask is None else _additive(attn_mask, B, L, L).expand(B, H, L, L)  # fp32 additive
     stale = stale_rows(lse_cache)
     heads = lambda t: t.reshape(B * Hk, g * t.shape[2], *t.shape[3:])  # [B, H, x, ...] -> [B * Hk, g * x, ...]
 
