@@ -42,6 +42,7 @@ def incremental_attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optio
                                scale: float, tau: float) -> tuple[Tensor, Tensor]:
     B, H, L, D = q.shape
     Hk, g = k.shape[1], H // k.shape[1]
+    qf, kf, vf = q.to(torch.float32), k.to(torch.float32), v.to(torch.float32)
     bias = None if attn_mask is None else _additive(attn_mask, B, L, L).expand(B, H, L, L)  # fp32 additive
     stale = stale_rows(lse_cache)
     heads = lambda t: t.reshape(B * Hk, g * t.shape[2], *t.shape[3:])  # [B, H, x, ...] -> [B * Hk, g * x, ...]
@@ -54,9 +55,9 @@ def incremental_attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optio
     if bias is not None:
         col_bias = col_bias + bias.gather(3, cols[:, None, None, :].expand(B, H, L, n))
     col_bias = heads(col_bias)
-    k_cols = torch.cat([_rows(t.to(torch.float32), cols).view(B * Hk, n, D) for t in (k_prev, k)], 1)
-    v_cols = torch.cat([_rows(t.to(torch.float32), cols).view(B * Hk, n, D) for t in (v_prev, v)], 1)
-    s = torch.bmm(heads(q.to(torch.float32)), k_cols.transpose(1, 2)) * scale + torch.cat([col_bias, col_bias], -1)
+    k_cols = torch.cat([_rows(t.to(torch.float32), cols).view(B * Hk, n, D) for t in (k_prev, kf)], 1)
+    v_cols = torch.cat([_rows(t.to(torch.float32), cols).view(B * Hk, n, D) for t in (v_prev, vf)], 1)
+    s = torch.bmm(heads(qf), k_cols.transpose(1, 2)) * scale + torch.cat([col_bias, col_bias], -1)
     lse0 = heads(lse_cache)  # [B * Hk, g * L]
     lse_known = torch.where(lse0 == math.inf, 0.0, lse0)
     m = torch.maximum(lse_known, s.amax(-1))
@@ -74,13 +75,13 @@ def incremental_attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optio
     incremental = query_rows & ~exact & changed.any(1, keepdim=True)
     rows = select_rows_per_sequence(exact)  # [B, r]
     r = rows.shape[1]
-    s = torch.bmm(_rows(q.to(torch.float32), rows).view(B * Hk, g * r, D),
-                  k.to(torch.float32).reshape(B * Hk, L, D).transpose(1, 2)) * scale  # [B * Hk, g * r, L]
+    s = torch.bmm(_rows(qf, rows).view(B * Hk, g * r, D),
+                  kf.reshape(B * Hk, L, D).transpose(1, 2)) * scale  # [B * Hk, g * r, L]
     if bias is not None:
         s = s + heads(bias.gather(2, rows[:, None, :, None].expand(B, H, r, L)))
     lse_rows = torch.logsumexp(s, -1)
     p = torch.exp(s - lse_rows.unsqueeze(-1))
-    ctx_rows = torch.bmm(p, v.to(torch.float32).reshape(B * Hk, L, D)).view(B, H, r, D)
+    ctx_rows = torch.bmm(p, vf.reshape(B * Hk, L, D)).view(B, H, r, D)
     ctx = ctx.scatter(2, rows[:, None, :, None].expand(B, H, r, D), ctx_rows)  # slots name distinct rows
     lse = lse.scatter(2, rows[:, None, :].expand(B, H, r), lse_rows.view(B, H, r))
 

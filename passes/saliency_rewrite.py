@@ -187,25 +187,28 @@ class SaliencyRewrite:
                 mask = self.graph.call_function(operator.mul, (site.mask, site.mask_scale))
             with self.fake_mode:
                 mask.meta["example_value"] = tensor_meta(site.mask) * site.mask_scale
-        qe, ke, ve = tensor_meta(site.q), tensor_meta(site.k), tensor_meta(site.v)
-        i, dev = site.index, qe.device
+        i = site.index
         if self.compact and site.k_memory is None and not site.softcap:
-            if kv_rows is None or int(ke.shape[2]) <= self.exact_below:
+            if kv_rows is None or int(tensor_meta(site.k).shape[2]) <= self.exact_below:
                 return self._exact_attention(site, q, k, v, mask)
             return self._incremental_attention(site, q, k, v, mask, kv_rows)
-        # CPU: caches stored [B, L, H, D] like SDPA's output and the compact K/V cache points, so that the op's
-        # row-masked `where`s run on matching, vectorisable layouts
         self.result.attention[i] = DELTA_OP
-        rows_first, lse_order = (HEADS_INNER, HEADS_INNER[:3]) if self.compact else (None, None)
-        caches = [
-            self._input(f"k_cache_{i}", tuple(ke.shape), ke.dtype, "k_cache", dev, rows_first),
-            self._input(f"v_cache_{i}", tuple(ve.shape), ve.dtype, "v_cache", dev, rows_first),
-            self._input(f"context_{i}", tuple(qe.shape), torch.float32, "context", dev, rows_first),
-            self._input(f"lse_{i}", tuple(qe.shape[:3]), torch.float32, "lse", dev, lse_order),
-        ]
         self._replace_attention(site, ops.delta_attention.default, (
-            q, k, v, mask, kv_rows, self.query_rows, self.rows[-1], self.dense, *caches, self.stats, i,
-            site.scale, self.tau, self.exact_below, site.k_memory, site.v_memory, site.softcap or 0.0))
+            q, k, v, mask, kv_rows, self.query_rows, self.rows[-1], self.dense, *self._attention_caches(site),
+            self.stats, i, site.scale, self.tau, self.exact_below, site.k_memory, site.v_memory,
+            site.softcap or 0.0))
+
+    def _attention_caches(self, site: AttentionSite) -> list[fx.Node]:
+        """The K/V, context and lse caches of one attention. CPU: stored [B, L, H, D] like SDPA's output and the
+        compact K/V cache points, so that row-masked `where`s and gathers run on matching, vectorisable layouts."""
+        qe, ke, ve, i = tensor_meta(site.q), tensor_meta(site.k), tensor_meta(site.v), site.index
+        rows_first, lse_order = (HEADS_INNER, HEADS_INNER[:3]) if self.compact else (None, None)
+        return [
+            self._input(f"k_cache_{i}", tuple(ke.shape), ke.dtype, "k_cache", qe.device, rows_first),
+            self._input(f"v_cache_{i}", tuple(ve.shape), ve.dtype, "v_cache", qe.device, rows_first),
+            self._input(f"context_{i}", tuple(qe.shape), torch.float32, "context", qe.device, rows_first),
+            self._input(f"lse_{i}", tuple(qe.shape[:3]), torch.float32, "lse", qe.device, lse_order),
+        ]
 
     def _exact_attention(self, site: AttentionSite, q, k, v, mask) -> None:
         """Every query row recomputed by one SDPA call over the complete K/V, traced into the graph."""
@@ -217,19 +220,12 @@ class SaliencyRewrite:
         self.writes.add(step)
 
     def _incremental_attention(self, site: AttentionSite, q, k, v, mask, kv_rows) -> None:
-        """Exact rows and the incremental update over the changed columns, traced into the graph."""
-        qe, ke, ve, i = tensor_meta(site.q), tensor_meta(site.k), tensor_meta(site.v), site.index
-        dev = qe.device
-        self.result.attention[i] = INCREMENTAL
-        caches = [
-            self._input(f"k_prev_{i}", tuple(ke.shape), ke.dtype, "k_cache", dev, HEADS_INNER),
-            self._input(f"v_prev_{i}", tuple(ve.shape), ve.dtype, "v_cache", dev, HEADS_INNER),
-            self._input(f"context_{i}", tuple(qe.shape), torch.float32, "context", dev, HEADS_INNER),
-            self._input(f"lse_{i}", tuple(qe.shape[:3]), torch.float32, "lse", dev, HEADS_INNER[:3]),
-        ]
+        """Exact rows and the incremental update over the changed columns, traced into the graph (its K/V caches
+        hold the previous step's K/V, the old terms)."""
+        self.result.attention[site.index] = INCREMENTAL
         step = self._replace_attention(site, incremental_attention_step, (
-            q, k, v, mask, kv_rows, self.query_rows, self.rows[-1], self.dense, *caches, self.stats, i,
-            site.scale, self.tau))
+            q, k, v, mask, kv_rows, self.query_rows, self.rows[-1], self.dense, *self._attention_caches(site),
+            self.stats, site.index, site.scale, self.tau))
         self.writes.add(step)
 
     def _replace_attention(self, site: AttentionSite, target, args: tuple) -> fx.Node:
