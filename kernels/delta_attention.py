@@ -32,12 +32,17 @@ changed at the model's input: their whole residual stream moved) are salient wha
 computed exactly and every row is salient (caches are refilled).
 
 `stats[layer]` receives `[salient rows, exact rows, incremental rows, query rows]` of this call.
+
+Lowering: a `triton_op` (see `sparse_rows_linear.py`): on CUDA, beyond `exact_below`, Inductor sees the step's
+Triton kernels (`delta_attention_triton.py`) and the torch ops between them; otherwise the opaque reference op
+`dyllm::delta_attention_reference`.
 """
 import math
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.library import triton_op
 
 from .dispatch import use_triton
 from .exact_attention import update_context
@@ -57,7 +62,7 @@ def _additive(mask: Optional[Tensor], B: int, L: int, Lk: int) -> Optional[Tenso
     if mask is None:
         return None
     if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, -math.inf)
+        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(mask.logical_not(), -math.inf)
     mask = mask.to(torch.float32)
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
@@ -222,8 +227,27 @@ def delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_ro
 
 
 @torch.library.custom_op(
-    "dyllm::delta_attention", mutates_args={"k_cache", "v_cache", "ctx_cache", "lse_cache", "stats"}
+    "dyllm::delta_attention_reference", mutates_args={"k_cache", "v_cache", "ctx_cache", "lse_cache", "stats"}
 )
+def _reference_op(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], kv_rows: Optional[Tensor],
+    query_rows: Tensor, always_rows: Tensor, dense: Tensor, k_cache: Tensor, v_cache: Tensor, ctx_cache: Tensor,
+    lse_cache: Tensor, stats: Tensor, layer: int, scale: float, tau: float, exact_below: int,
+    k_memory: Optional[Tensor] = None, v_memory: Optional[Tensor] = None, softcap: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    return delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache,
+                                     ctx_cache, lse_cache, stats, layer, scale, tau, exact_below, k_memory, v_memory,
+                                     softcap)
+
+
+@_reference_op.register_fake
+def _(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache, ctx_cache, lse_cache, stats,
+      layer, scale, tau, exact_below, k_memory=None, v_memory=None, softcap=0.0):
+    B, H, L, D = q.shape
+    return q.new_empty(B, L, H, D).transpose(1, 2), q.new_empty(B, L, dtype=torch.bool)
+
+
+@triton_op("dyllm::delta_attention", mutates_args={"k_cache", "v_cache", "ctx_cache", "lse_cache", "stats"})
 def delta_attention(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], kv_rows: Optional[Tensor],
     query_rows: Tensor, always_rows: Tensor, dense: Tensor, k_cache: Tensor, v_cache: Tensor, ctx_cache: Tensor,
@@ -236,13 +260,6 @@ def delta_attention(
         ctx, salient = delta_attention_triton(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache,
                                               v_cache, ctx_cache, lse_cache, stats, layer, scale, tau)
         return _output(ctx, q.dtype, copy=True), salient
-    return delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache,
-                                     ctx_cache, lse_cache, stats, layer, scale, tau, exact_below, k_memory, v_memory,
-                                     softcap)
-
-
-@delta_attention.register_fake
-def _(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache, ctx_cache, lse_cache, stats,
-      layer, scale, tau, exact_below, k_memory=None, v_memory=None, softcap=0.0):
-    B, H, L, D = q.shape
-    return q.new_empty(B, L, H, D).transpose(1, 2), q.new_empty(B, L, dtype=torch.bool)
+    return torch.ops.dyllm.delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense,
+                                                     k_cache, v_cache, ctx_cache, lse_cache, stats, layer, scale,
+                                                     tau, exact_below, k_memory, v_memory, softcap)

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 from .delta_attention import CANCELLATION_FLOOR, _additive, stale_rows
 from .row_index import row_index
@@ -162,7 +163,7 @@ def rows_attention(q, k, v, mask, index, count, ctx, lse, scale, **blocks) -> No
     Hk, Lk = k.shape[1], k.shape[2]
     cfg = {**_blocks(q.device, D), **blocks}
     m4 = _strides(mask, 4)
-    _rows_attention_kernel[(B * H, triton.cdiv(Lq, cfg["BLOCK_M"]))](
+    wrap_triton(_rows_attention_kernel)[(B * H, triton.cdiv(Lq, cfg["BLOCK_M"]))](
         q, k, v, mask if mask is not None else q, index, count, ctx, lse, H, H // Hk, Lq, Lk, D, float(scale),
         *_strides(q, 3), *_strides(k, 3), *_strides(v, 3), *m4, *_strides(ctx, 3), *_strides(lse, 2),
         HAS_MASK=mask is not None, IEEE=q.dtype == torch.float32, **cfg)
@@ -177,7 +178,7 @@ def incremental_update(q, k_old, v_old, k_new, v_new, mask, rows, row_count, col
     Hk, Lk = k_old.shape[1], k_old.shape[2]
     cancelled = torch.zeros(B, Lq, dtype=torch.int8, device=q.device)
     cfg = {**_blocks(q.device, D), **blocks}
-    _incremental_kernel[(B * H, triton.cdiv(Lq, cfg["BLOCK_M"]))](
+    wrap_triton(_incremental_kernel)[(B * H, triton.cdiv(Lq, cfg["BLOCK_M"]))](
         q, k_old, v_old, k_new, v_new, mask if mask is not None else q, rows, row_count, cols, col_count, ctx, lse,
         cancelled, H, H // Hk, Lq, Lk, D, float(scale), CANCELLATION_FLOOR,
         *_strides(q, 3), *_strides(k_old, 3), *_strides(v_old, 3), *_strides(k_new, 3), *_strides(v_new, 3),
@@ -206,23 +207,24 @@ def delta_attention_triton(q, k, v, attn_mask, kv_rows, query_rows, always_rows,
         raise ValueError(f"delta attention needs self-attention over the token axis (query length {Lq}, key "
                          f"length {Lk}): the kernels take Lq != Lk, the op's row bookkeeping does not yet")
     exact = (changed | stale_rows(lse_cache)) & query
-    incremental = query & ~exact & changed.any(1, keepdim=True)
+    incremental = query & exact.logical_not() & changed.any(1, keepdim=True)
 
     # incremental rows first, while the cache still holds the old keys and values
     rows, row_count = row_index(incremental)
     cols, col_count = row_index(changed)
     cancelled = incremental_update(q, k_cache, v_cache, k, v, mask, rows, row_count, cols, col_count,
                                    ctx_cache, lse_cache, scale)
-    keep = ~changed[:, None, :, None]
+    keep = changed.logical_not().view(B, 1, Lk, 1)
     torch.where(keep, k_cache, k, out=k_cache)
     torch.where(keep, v_cache, v, out=v_cache)
     exact = exact | cancelled
-    incremental = incremental & ~cancelled
+    incremental = incremental & cancelled.logical_not()
     rows, row_count = row_index(exact)
     rows_attention(q, k_cache, v_cache, mask, rows, row_count, ctx_cache, lse_cache, scale)
 
     salient = saliency(ctx_cache, old_ctx, query_rows, always_rows, tau) | dense_
-    lse_cache.masked_fill_(~query[:, None, :], math.inf)  # stale until queried again (`stale_rows`)
+    lse_cache.masked_fill_(query.logical_not().unsqueeze(1), math.inf)  # stale until queried again (`stale_rows`)
     n_query = torch.where(dense_, B * Lq, query_rows.sum())
-    stats[layer] = torch.stack([salient.sum(), exact.sum(), incremental.sum(), n_query]).to(stats.dtype)
+    counts = torch.stack([salient.sum(), exact.sum(), incremental.sum(), n_query]).to(stats.dtype)
+    stats.index_copy_(0, torch.full((1,), layer, device=stats.device), counts.unsqueeze(0))
     return ctx_cache, salient

@@ -3,10 +3,16 @@
 On CUDA the Triton kernels run (JIT). On CPU the reference runs: it selects the rows with a data-dependent
 `nonzero`, so the matmuls really shrink with the row count. `triton_on_cpu(True)` routes CPU tensors through
 the Triton kernels too, for testing them under the interpreter (`TRITON_INTERPRET=1` must be set before
-`triton` is first imported: Triton decides at `@triton.jit` time whether a kernel is interpreted).
+`triton` is first imported: Triton decides at `@triton.jit` time whether a kernel is interpreted), in eager
+calls only: an interpreted kernel cannot take the fake tensors of a trace, so a traced CPU call takes the reference.
+
+Every launch is `wrap_triton(kernel)[grid](...)`: called eagerly it runs the kernel; traced inside a `triton_op`
+it records the kernel for Inductor.
 """
 import contextlib
 import os
+
+from torch._subclasses.fake_tensor import is_fake
 
 _TRITON_ON_CPU = False
 
@@ -18,7 +24,7 @@ def interpreted() -> bool:
 def use_triton(t) -> bool:
     if t.device.type == "cuda":
         return True
-    return _TRITON_ON_CPU and t.device.type == "cpu"
+    return _TRITON_ON_CPU and t.device.type == "cpu" and not is_fake(t)
 
 
 @contextlib.contextmanager

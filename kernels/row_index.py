@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 
 def row_index_reference(mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -35,7 +36,7 @@ def row_index_triton(mask: Tensor, block: int = 256) -> tuple[Tensor, Tensor]:
     index = torch.zeros(G, L, dtype=torch.int32, device=mask.device)
     count = torch.zeros(G, dtype=torch.int32, device=mask.device)
     block = min(block, triton.next_power_of_2(L))
-    _row_index_kernel[(G, triton.cdiv(L, block))](mask, index, count, L, BLOCK=block)
+    wrap_triton(_row_index_kernel)[(G, triton.cdiv(L, block))](mask, index, count, L, BLOCK=block)
     return index, count
 
 

@@ -8,12 +8,19 @@ CPU: the plain-torch reference (a data-dependent `nonzero`, so the matmul shrink
 CUDA: the Triton kernel of `sparse_rows_linear_triton.py` over the row index of `row_index.py` (static
 capacity, device-side count: no host synchronisation), when the rows are the leading `B * L` elements of
 a contiguous `x`; otherwise the reference.
+
+Lowering: the op is a `torch.library.triton_op`. Under `torch.compile` its body is traced: on CUDA Inductor
+sees the row-index and linear kernels as user-defined Triton kernels (`triton_kernel_wrapper_functional`) and
+emits them in its own wrapper, beside the kernels it generates; elsewhere it sees the opaque reference op
+`dyllm::sparse_rows_linear_reference`. Not a `TritonTemplate`: a template's epilogue assumes its output index
+is the layout index, and this op scatters into data-dependent rows of a full-length output.
 """
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.library import triton_op
 
 from .dispatch import use_triton
 from .row_layout import flat_rows, gather_rows, scatter_rows_
@@ -46,30 +53,29 @@ def sparse_rows_linear_reference(x, weight, bias, rows, batch_axis, token_axis):
     return out
 
 
-def _triton(x, weight, bias, rows, batch_axis, token_axis):
-    from .row_index import row_index
-    from .sparse_rows_linear_triton import sparse_rows_linear_triton
-
-    x2d = flat_rows(x, rows, batch_axis, token_axis)
-    if x2d is None or weight.stride(1) != 1:
-        return None
-    index, count = row_index(rows.reshape(1, -1))
-    out = x.new_empty(*x.shape[:-1], weight.shape[0])
-    sparse_rows_linear_triton(x2d, weight, bias, index[0], count, out.view(x2d.shape[0], weight.shape[0]))
-    return out
-
-
-@torch.library.custom_op("dyllm::sparse_rows_linear", mutates_args=())
-def sparse_rows_linear(
+@torch.library.custom_op("dyllm::sparse_rows_linear_reference", mutates_args=())
+def _reference_op(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor, batch_axis: int, token_axis: int
 ) -> Tensor:
-    if use_triton(x):
-        out = _triton(x, weight, bias, rows, batch_axis, token_axis)
-        if out is not None:
-            return out
     return sparse_rows_linear_reference(x, weight, bias, rows, batch_axis, token_axis)
 
 
-@sparse_rows_linear.register_fake
+@_reference_op.register_fake
 def _(x, weight, bias, rows, batch_axis, token_axis):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@triton_op("dyllm::sparse_rows_linear", mutates_args=())
+def sparse_rows_linear(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor, batch_axis: int, token_axis: int
+) -> Tensor:
+    x2d = flat_rows(x, rows, batch_axis, token_axis) if use_triton(x) else None
+    if x2d is None or weight.stride(1) != 1:
+        return torch.ops.dyllm.sparse_rows_linear_reference(x, weight, bias, rows, batch_axis, token_axis)
+    from .row_index import row_index
+    from .sparse_rows_linear_triton import sparse_rows_linear_triton
+
+    index, count = row_index(rows.reshape(1, -1))
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    sparse_rows_linear_triton(x2d, weight, bias, index.view(-1), count, out.view(x2d.shape[0], weight.shape[0]))
+    return out

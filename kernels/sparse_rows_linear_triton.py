@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 from .dispatch import interpreted
 from .triton_dot import dot
@@ -106,7 +107,7 @@ def sparse_rows_linear_triton(
     cfg = {**_blocks(x.device), **blocks}
     grid = (triton.cdiv(index.numel(), cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     dummy = weight
-    _sparse_rows_linear_kernel[grid](
+    wrap_triton(_sparse_rows_linear_kernel)[grid](
         x, weight, bias if bias is not None else dummy, weight2 if weight2 is not None else dummy,
         bias2 if bias2 is not None else dummy, residual if residual is not None else dummy, out, index, count,
         N, K, x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
