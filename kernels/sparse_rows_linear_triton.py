@@ -5,9 +5,9 @@ One program computes a `BLOCK_M x BLOCK_N` tile for `BLOCK_M` index slots; progr
 the count return at once, so the launch grid is static (capacity) and the work follows the count.
 Epilogues (constexpr): bias; activation (`silu`, `gelu` (erf), `relu2`); the gated product of a
 SwiGLU/GeGLU pair (`act(x @ W^T + b) * (x @ W2^T + b2)`: gate and up in one pass over `x[r]`); residual add
-(`residual[r] + ...`). fp32 inputs accumulate in IEEE fp32 (no TF32), so `tau = 1.0` stays exact; half
-inputs use the tensor cores with fp32 accumulation (upcast first under the interpreter, whose `tl.dot` on
-bf16 returns garbage with triton 3.9).
+(`residual[r] + ...`). Block sizes: autotuned on CUDA (`CUDA_CONFIGS`), fixed under the interpreter. fp32 inputs
+accumulate in IEEE fp32 (no TF32), so `tau = 1.0` stays exact; half inputs use the tensor cores with fp32
+accumulation (upcast first under the interpreter, whose `tl.dot` on bf16 returns garbage with triton 3.9).
 """
 from typing import Optional
 
@@ -82,10 +82,13 @@ def _sparse_rows_linear_kernel(
     tl.store(OUT + rows[:, None] * stride_om + offs_n[None, :], acc.to(OUT.dtype.element_ty), mask=out_ok)
 
 
-def _blocks(device: torch.device) -> dict:
-    if device.type == "cuda":
-        return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)  # the interpreter: few programs, tl.dot's minimum tile
+# CUDA: block sizes autotuned per weight shape and dtype (Triton's autotuner; under torch.compile Inductor takes
+# the configs and tunes the user kernel itself). Tuning reruns the kernel, which only writes `out`: harmless.
+CUDA_CONFIGS = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), num_warps=w, num_stages=s)
+                for m, n, k, w, s in [(16, 128, 128, 4, 4), (32, 128, 64, 4, 3), (64, 128, 64, 4, 3),
+                                      (64, 64, 64, 4, 4), (128, 128, 64, 8, 3), (32, 256, 64, 8, 3)]]
+_tuned_kernel = triton.autotune(CUDA_CONFIGS, key=["N", "K"])(_sparse_rows_linear_kernel)
+INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)  # few programs; tl.dot's minimum tile
 
 
 def sparse_rows_linear_triton(
@@ -104,10 +107,15 @@ def sparse_rows_linear_triton(
     if (bias is None) != (bias2 is None) and weight2 is not None:
         raise ValueError("a gated pair takes a bias for both halves or for neither")
     out = x.new_empty(M, N) if out is None else out
-    cfg = {**_blocks(x.device), **blocks}
-    grid = (triton.cdiv(index.numel(), cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    capacity = index.numel()
+    if x.device.type == "cuda" and not blocks:
+        kernel, cfg = _tuned_kernel, {}
+        grid = lambda meta: (triton.cdiv(capacity, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    else:  # the interpreter, or blocks given (tests, benchmarks)
+        kernel, cfg = _sparse_rows_linear_kernel, {**(INTERPRETER_BLOCKS if x.device.type == "cpu" else {}), **blocks}
+        grid = (triton.cdiv(capacity, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     dummy = weight
-    wrap_triton(_sparse_rows_linear_kernel)[grid](
+    wrap_triton(kernel)[grid](
         x, weight, bias if bias is not None else dummy, weight2 if weight2 is not None else dummy,
         bias2 if bias2 is not None else dummy, residual if residual is not None else dummy, out, index, count,
         N, K, x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),

@@ -44,11 +44,19 @@ class _SparseStep(torch.nn.Module):
         return (self.out_cache + 1,)
 
 
+def _name(kernel) -> str:
+    """A kernel's function name, through the autotuner and `@triton.jit` wrappers."""
+    while hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return kernel.__name__
+
+
 def traced(device: str) -> dict:
     """Kernel names and dyllm op names in the AOTAutograd graph of one `_SparseStep` on fake `device` tensors."""
     from torch._functorch.aot_autograd import aot_export_module
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from triton.runtime.autotuner import Autotuner
 
     import dyllm_fx  # noqa: F401  (registers the ops)
 
@@ -62,11 +70,13 @@ def traced(device: str) -> dict:
                   rows, query, mask, torch.tensor(False, device=device))
         gm, _ = aot_export_module(step, inputs, trace_joint=False)
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    kernels = [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]) for n in calls
+               if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
     functionalized = (torch.ops.higher_order.auto_functionalized, torch.ops.higher_order.auto_functionalized_v2)
     targets = [n.args[0] if n.target in functionalized else n.target for n in calls]
     return dict(
-        kernels=sorted(kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__
-                       for n in calls if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional),
+        kernels=sorted(_name(k) for k in kernels),
+        autotuned=sorted({_name(k) for k in kernels if isinstance(k, Autotuner) and len(k.configs) > 1}),
         ops=sorted({t.name() for t in targets if isinstance(t, torch._ops.OpOverload) and t.namespace == "dyllm"}),
         syncs=sorted({str(t) for t in targets if t in (torch.ops.aten._local_scalar_dense.default,
                                                        torch.ops.aten.nonzero.default)}))
@@ -79,12 +89,13 @@ def test_on_cuda_inductor_sees_the_triton_kernels_and_no_opaque_op():
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert set(got["kernels"]) == MASKED_PATH_KERNELS, got
     assert got["kernels"].count("_sparse_rows_linear_kernel") == 3
+    assert got["autotuned"] == ["_sparse_rows_linear_kernel"], got
     assert got["ops"] == [] and got["syncs"] == [], got
 
 
 def test_on_cpu_inductor_sees_the_reference_ops():
     got = traced("cpu")
-    assert got["kernels"] == [], got
+    assert got["kernels"] == [] and got["autotuned"] == [], got
     assert got["ops"] == ["dyllm::delta_attention_reference", "dyllm::row_update_reference",
                           "dyllm::sparse_rows_linear_reference"], got
 
