@@ -16,6 +16,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from dyllm_fx.options import Options
 from dyllm_fx.passes.attention import find_attention
+from dyllm_fx.passes.gated_pairs import fuse_gated_pairs
 from dyllm_fx.passes.regions import plan_linears
 from dyllm_fx.passes.saliency_rewrite import SaliencyRewrite
 from dyllm_fx.passes.token_axis import TokenAxisAnalysis
@@ -150,7 +151,8 @@ class CompiledGraph:
         self.options = options
         self.mode = mode
         self.original = gm
-        self.param_ids = {id(e) for e in example_inputs if isinstance(e, nn.Parameter)}
+        # by identity, weakly: an id alone could match a later model's parameter allocated where a dead one was
+        self.params = weakref.WeakValueDictionary({id(e): e for e in example_inputs if isinstance(e, nn.Parameter)})
         self.report = Report(options)
         self.state: Optional[SequenceState] = None
         self.linears, self.sites, self.analysis = [], [], None
@@ -222,6 +224,8 @@ class CompiledGraph:
         result = SaliencyRewrite(rewritten, r_analysis, r_sites, r_linears, self.options.tau,
                                  self.options.exact_below(device), self.compact, packed).run()
         self.report.cache_points = result.cache_points
+        if not self.compact:
+            self.report.fused_pairs = fuse_gated_pairs(rewritten)
         self.report.attention = result.attention
         if packed:
             self.report.packed_bytes = _packed_bytes(self.linears)
@@ -266,5 +270,5 @@ def backend(**options) -> Backend:
 
 def graphs_of(model) -> list[CompiledGraph]:
     """The live compiled graphs that captured this model's parameters."""
-    ids = {id(p) for p in model.parameters()} if isinstance(model, nn.Module) else set()
-    return [g for g in list(LIVE_GRAPHS) if g.param_ids & ids]
+    params = {id(p): p for p in model.parameters()} if isinstance(model, nn.Module) else {}
+    return [g for g in list(LIVE_GRAPHS) if any(g.params.get(i) is p for i, p in params.items())]

@@ -45,6 +45,7 @@ class Report:
     attention: dict = field(default_factory=dict)  # site index -> form of its sparse step (`RewriteResult`)
     cache_bytes: int = 0
     packed_bytes: int = 0  # oneDNN copies of the gated linears' weights (`packed_weights`)
+    fused_pairs: int = 0  # gated SwiGLU/GeGLU pairs computed by one sparse-row linear (`passes/gated_pairs.py`)
     batch: int = 0
     seq_len: int = 0
 
@@ -84,6 +85,9 @@ class Report:
         if self.batch:
             out.append(f"cache: {self.cache_bytes / 2**20:.2f} MiB for {self.batch} x {self.seq_len} tokens "
                        f"({self.cache_bytes_per_token / 1024:.1f} KiB per token), {len(self.cache_points)} cache points")
+        if self.fused_pairs:
+            out.append(f"gated pairs: {self.fused_pairs} MLP gate/up projection pairs (SwiGLU/GeGLU), each fused into "
+                       "one sparse-row linear (one pass over the input's rows)")
         if self.packed_bytes:
             out.append(f"packed weights: {self.packed_bytes / 2**20:.2f} MiB, oneDNN copies of the gated linears' "
                        "fp32 weights (option packed_weights; False saves the memory, costs speed on CPU)")

@@ -2,7 +2,9 @@
 
 `y[r] = x[r] @ weight.T + bias` for the rows `r` set in the bool `[B, L]` mask `rows`; the other rows of
 `y` are left uninitialised: the rewrite only lets them reach row-wise ops, linears that read the
-selected rows, and cache writes of the selected rows.
+selected rows, and cache writes of the selected rows. Optional epilogue: `activation` (`ACTIVATIONS`) of that,
+times `x[r] @ weight2.T + bias2` when `weight2` is given (the gated pair of a SwiGLU/GeGLU MLP in one op:
+`passes/gated_pairs.py`).
 
 CPU: the plain-torch reference (a data-dependent `nonzero`, so the matmul shrinks with the row count).
 CUDA: the Triton kernel of `sparse_rows_linear_triton.py` over the row index of `row_index.py` (static
@@ -32,6 +34,8 @@ from .row_layout import flat_rows, gather_rows, scatter_rows_
 # first unselected ones are added) gives every row the result of the dense GEMM.
 MIN_ROWS = 12
 
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu2": lambda t: F.relu(t).square()}  # gelu: the erf form
+
 
 def _at_least(rows: Tensor, n: int) -> Tensor:
     missing = n - int(rows.sum())
@@ -42,40 +46,61 @@ def _at_least(rows: Tensor, n: int) -> Tensor:
     return flat.view_as(rows)
 
 
-def sparse_rows_linear_reference(x, weight, bias, rows, batch_axis, token_axis):
+def _epilogue(x, weight, bias, activation, weight2, bias2):
+    y = F.linear(x, weight, bias)
+    if activation is not None:
+        y = ACTIVATIONS[activation](y)
+    return y if weight2 is None else y * F.linear(x, weight2, bias2)
+
+
+def sparse_rows_linear_reference(x, weight, bias, rows, batch_axis, token_axis, activation=None, weight2=None,
+                                 bias2=None):
     if x.device.type == "cpu":
         rows = _at_least(rows, MIN_ROWS)
     if bool(rows.all()):
-        return F.linear(x, weight, bias)
+        return _epilogue(x, weight, bias, activation, weight2, bias2)
     out = x.new_empty(*x.shape[:-1], weight.shape[0])
     selected = gather_rows(x, rows, batch_axis, token_axis)
-    scatter_rows_(out, rows, F.linear(selected, weight, bias), batch_axis, token_axis)
+    scatter_rows_(out, rows, _epilogue(selected, weight, bias, activation, weight2, bias2), batch_axis, token_axis)
     return out
+
+
+def _check_epilogue(activation, weight, weight2, bias, bias2):
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"sparse_rows_linear: activation {activation!r}; valid: None, {', '.join(ACTIVATIONS)}")
+    if weight2 is not None and (weight2.shape != weight.shape or (bias is None) != (bias2 is None)):
+        raise ValueError("sparse_rows_linear: weight2 must have weight's shape, and bias2 must be given exactly when "
+                         "bias is")
 
 
 @torch.library.custom_op("dyllm::sparse_rows_linear_reference", mutates_args=())
 def _reference_op(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor, batch_axis: int, token_axis: int
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor, batch_axis: int, token_axis: int,
+    activation: Optional[str] = None, weight2: Optional[Tensor] = None, bias2: Optional[Tensor] = None,
 ) -> Tensor:
-    return sparse_rows_linear_reference(x, weight, bias, rows, batch_axis, token_axis)
+    return sparse_rows_linear_reference(x, weight, bias, rows, batch_axis, token_axis, activation, weight2, bias2)
 
 
 @_reference_op.register_fake
-def _(x, weight, bias, rows, batch_axis, token_axis):
+def _(x, weight, bias, rows, batch_axis, token_axis, activation=None, weight2=None, bias2=None):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 @triton_op("dyllm::sparse_rows_linear", mutates_args=())
 def sparse_rows_linear(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor, batch_axis: int, token_axis: int
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor, batch_axis: int, token_axis: int,
+    activation: Optional[str] = None, weight2: Optional[Tensor] = None, bias2: Optional[Tensor] = None,
 ) -> Tensor:
+    _check_epilogue(activation, weight, weight2, bias, bias2)
     x2d = flat_rows(x, rows, batch_axis, token_axis) if use_triton(x) else None
-    if x2d is None or weight.stride(1) != 1:
-        return torch.ops.dyllm.sparse_rows_linear_reference(x, weight, bias, rows, batch_axis, token_axis)
+    if x2d is None or weight.stride(1) != 1 or (weight2 is not None and weight2.stride(1) != 1):
+        return torch.ops.dyllm.sparse_rows_linear_reference(x, weight, bias, rows, batch_axis, token_axis,
+                                                           activation, weight2, bias2)
     from .row_index import row_index
     from .sparse_rows_linear_triton import sparse_rows_linear_triton
 
     index, count = row_index(rows.reshape(1, -1))
     out = x.new_empty(*x.shape[:-1], weight.shape[0])
-    sparse_rows_linear_triton(x2d, weight, bias, index.view(-1), count, out.view(x2d.shape[0], weight.shape[0]))
+    sparse_rows_linear_triton(x2d, weight, bias, index.view(-1), count, out.view(x2d.shape[0], weight.shape[0]),
+                              activation=activation, weight2=weight2, bias2=bias2)
     return out

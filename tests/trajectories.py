@@ -68,9 +68,9 @@ def rows_seen_by_gated_linears():
     compact = importlib.import_module("dyllm_fx.kernels.compact_rows")
     sparse_rows_linear, flat_index = masked.sparse_rows_linear_reference, compact.flat_index
 
-    def counting_linear(x, weight, bias, rows, batch_axis, token_axis):
+    def counting_linear(x, weight, bias, rows, *args):
         seen.append((int(rows.sum()), rows.numel()))
-        return sparse_rows_linear(x, weight, bias, rows, batch_axis, token_axis)
+        return sparse_rows_linear(x, weight, bias, rows, *args)
 
     def counting_index(rows):
         seen.append((int(rows.sum()), rows.numel()))
