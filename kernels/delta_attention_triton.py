@@ -151,9 +151,9 @@ def _strides(t: Optional[Tensor], n: int) -> tuple:
 
 def _blocks(device: torch.device, D: int) -> dict:
     block_d = max(triton.next_power_of_2(D), 16)
-    if device.type == "cuda":
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=block_d, num_warps=4)
-    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d)  # the interpreter: few programs
+    if device.type == "cpu":
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d)  # the interpreter: few programs
+    return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=block_d, num_warps=4)
 
 
 def rows_attention(q, k, v, mask, index, count, ctx, lse, scale, **blocks) -> None:

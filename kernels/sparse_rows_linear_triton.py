@@ -108,11 +108,11 @@ def sparse_rows_linear_triton(
         raise ValueError("a gated pair takes a bias for both halves or for neither")
     out = x.new_empty(M, N) if out is None else out
     capacity = index.numel()
-    if x.device.type == "cuda" and not blocks:
+    if x.device.type != "cpu" and not blocks:
         kernel, cfg = _tuned_kernel, {}
         grid = lambda meta: (triton.cdiv(capacity, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
     else:  # the interpreter, or blocks given (tests, benchmarks)
-        kernel, cfg = _sparse_rows_linear_kernel, {**(INTERPRETER_BLOCKS if x.device.type == "cpu" else {}), **blocks}
+        kernel, cfg = _sparse_rows_linear_kernel, {**INTERPRETER_BLOCKS, **blocks}
         grid = (triton.cdiv(capacity, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     dummy = weight
     wrap_triton(kernel)[grid](
