@@ -9,8 +9,9 @@
 
 Queries `[B, H, Lq, D]`, keys and values `[B, Hk, Lk, D]` (`H % Hk == 0`: GQA/MQA), any strides; an optional
 additive fp32 mask indexed `[b, h, query, key]` through its strides (0 for broadcast axes); any `scale`;
-`Lq != Lk` works in both kernels. `delta_attention_triton` runs one whole sparse step of the op (self-attention,
-`Lq == Lk`) without a host synchronisation.
+`Lq != Lk` works in both kernels. `delta_attention_triton` runs one whole sparse step of the op (self-attention over
+the sequence, `Lq == Lk`, plus an optional fixed memory before it: the exact rows then read `P + Lk` keys, as
+DiffusionGemma's decoder does) without a host synchronisation.
 """
 import math
 from typing import Optional
@@ -21,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .delta_attention import CANCELLATION_FLOOR, _additive, stale_rows
+from .delta_attention import CANCELLATION_FLOOR, _additive, _keys, stale_rows
 from .row_index import row_index
 from .saliency import saliency
 from .triton_dot import dot
@@ -193,12 +194,15 @@ def _additive_mask(mask: Optional[Tensor], B: int, H: int, Lq: int, Lk: int) -> 
 
 
 def delta_attention_triton(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache, ctx_cache,
-                           lse_cache, stats, layer, scale, tau) -> tuple[Tensor, Tensor]:
+                           lse_cache, stats, layer, scale, tau, k_memory=None, v_memory=None) -> tuple[Tensor, Tensor]:
     """One sparse (or, with `dense` set, dense) step of `dyllm::delta_attention`, all on the device:
-    the same contract as `delta_attention_reference`."""
+    the same contract as `delta_attention_reference`. With a memory (`k_memory, v_memory [B, Hk, P, D]`) the exact
+    rows attend to the `P + L` keys; the incremental update touches sequence columns only (the mask's last `L`)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    mask = _additive_mask(attn_mask, B, H, Lq, Lk)
+    P = 0 if k_memory is None else k_memory.shape[2]
+    mask = _additive_mask(attn_mask, B, H, Lq, P + Lk)
+    sequence_mask = None if mask is None else mask.narrow(3, P, Lk)
     dense_ = dense.to(torch.bool)
     old_ctx = ctx_cache.clone()
     changed = torch.ones(B, Lk, dtype=torch.bool, device=q.device) if kv_rows is None else kv_rows | dense_
@@ -212,7 +216,7 @@ def delta_attention_triton(q, k, v, attn_mask, kv_rows, query_rows, always_rows,
     # incremental rows first, while the cache still holds the old keys and values
     rows, row_count = row_index(incremental)
     cols, col_count = row_index(changed)
-    cancelled = incremental_update(q, k_cache, v_cache, k, v, mask, rows, row_count, cols, col_count,
+    cancelled = incremental_update(q, k_cache, v_cache, k, v, sequence_mask, rows, row_count, cols, col_count,
                                    ctx_cache, lse_cache, scale)
     keep = changed.logical_not().view(B, 1, Lk, 1)
     torch.where(keep, k_cache, k, out=k_cache)
@@ -220,7 +224,8 @@ def delta_attention_triton(q, k, v, attn_mask, kv_rows, query_rows, always_rows,
     exact = exact | cancelled
     incremental = incremental & cancelled.logical_not()
     rows, row_count = row_index(exact)
-    rows_attention(q, k_cache, v_cache, mask, rows, row_count, ctx_cache, lse_cache, scale)
+    rows_attention(q, _keys(k_memory, k_cache), _keys(v_memory, v_cache), mask, rows, row_count, ctx_cache, lse_cache,
+                   scale)
 
     salient = saliency(ctx_cache, old_ctx, query_rows, always_rows, tau) | dense_
     lse_cache.masked_fill_(query.logical_not().unsqueeze(1), math.inf)  # stale until queried again (`stale_rows`)

@@ -24,7 +24,7 @@ MASKED_PATH_KERNELS = {"_row_index_kernel", "_sparse_rows_linear_kernel", "_incr
 
 class _SparseStep(torch.nn.Module):
     """One attention layer of a sparse step as the masked path writes it: gated Q/K/V linears, the delta attention
-    over its caches, and the cache write of its output."""
+    over its caches and a fixed memory (DiffusionGemma's decoder), and the cache write of its output."""
 
     def __init__(self, B, H, L, D, device):
         super().__init__()
@@ -36,14 +36,15 @@ class _SparseStep(torch.nn.Module):
         self.register_buffer("stats", zeros(2, 4, dtype=torch.long))
         self.register_buffer("out_cache", zeros(B, L, H * D))
 
-    def forward(self, x, wq, wk, wv, rows, query, mask, dense):
+    def forward(self, x, wq, wk, wv, rows, query, mask, dense, k_memory, v_memory):
         ops = torch.ops.dyllm
         B, L, _ = x.shape
         H, D = self.k_cache.shape[1], self.k_cache.shape[3]
         q, k, v = (ops.sparse_rows_linear(x, w, None, rows, 0, 1).view(B, L, H, D).transpose(1, 2)
                    for w in (wq, wk, wv))
         ctx, salient = ops.delta_attention(q, k, v, mask, rows, query, rows, dense, self.k_cache, self.v_cache,
-                                           self.ctx_cache, self.lse_cache, self.stats, 1, D ** -0.5, 0.99, 0)
+                                           self.ctx_cache, self.lse_cache, self.stats, 1, D ** -0.5, 0.99, 0,
+                                           k_memory, v_memory)
         ops.row_update_(self.out_cache, ctx.transpose(1, 2).reshape(B, L, H * D), salient, 0, 1)
         return (self.out_cache + 1,)
 
@@ -63,13 +64,14 @@ def traced(device: str) -> dict:
     import dyllm_fx  # noqa: F401  (registers the ops)
 
     logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
-    B, H, L, D, K = 2, 2, 8, 16, 32
+    B, H, L, D, K, P = 2, 2, 8, 16, 32, 4
     with FakeTensorMode():
         step = _SparseStep(B, H, L, D, device)
         rows, query = (torch.ones(B, L, dtype=torch.bool, device=device) for _ in range(2))
-        mask = torch.ones(L, L, dtype=torch.bool, device=device)
+        mask = torch.ones(L, P + L, dtype=torch.bool, device=device)
         inputs = (torch.randn(B, L, K, device=device), *(torch.randn(H * D, K, device=device) for _ in range(3)),
-                  rows, query, mask, torch.tensor(False, device=device))
+                  rows, query, mask, torch.tensor(False, device=device),
+                  *(torch.randn(B, H, P, D, device=device) for _ in range(2)))
         gm, _ = aot_export_module(step, inputs, trace_joint=False)
     return _contents(gm)
 

@@ -176,16 +176,18 @@ def test_incremental_update_equals_full_attention_over_the_new_keys(data):
     assert torch.allclose(ctx[ok], ref_ctx[ok], atol=tol * 10) and torch.allclose(lse[ok], ref_lse[ok], atol=tol * 10)
 
 
-@pytest.mark.parametrize("mask_kind", [None, "bool"])
+@pytest.mark.parametrize("mask_kind,memory", [(None, 0), ("bool", 0), ("bool", 5), (None, 3)])
 @pytest.mark.parametrize("tau", [1.0, 0.9])
-def test_delta_attention_op_triton_path_matches_reference_path(mask_kind, tau):
-    """The whole op, dense step then sparse steps: the Triton path returns what the reference path returns."""
+def test_delta_attention_op_triton_path_matches_reference_path(mask_kind, memory, tau):
+    """The whole op, dense step then sparse steps: the Triton path returns what the reference path returns, also with
+    a fixed memory of `memory` keys before the sequence (DiffusionGemma's decoder: query length != key length)."""
     g = torch.Generator().manual_seed(0)
     B, Hk, G, L, D = 2, 2, 2, 12, 8
     H, scale = Hk * G, 1 / math.sqrt(D)
+    k_memory, v_memory = (rand(B, Hk, memory, D, g=g) for _ in range(2)) if memory else (None, None)
     mask = None
     if mask_kind:
-        mask = (torch.rand(B, 1, L, L, generator=g) < 0.8).to(DEVICE)
+        mask = (torch.rand(B, 1, L, memory + L, generator=g) < 0.8).to(DEVICE)
         mask[..., 0] = True
     q, k, v = rand(B, H, L, D, g=g), rand(B, Hk, L, D, g=g), rand(B, Hk, L, D, g=g)
     z = lambda *s, dtype=torch.float32: torch.zeros(*s, dtype=dtype, device=DEVICE)
@@ -203,7 +205,7 @@ def test_delta_attention_op_triton_path_matches_reference_path(mask_kind, tau):
         for use, state in zip([False, True], states):
             with triton_on_cpu(use) if DEVICE == "cpu" else torch.no_grad():
                 outs.append(torch.ops.dyllm.delta_attention(q, k, v, mask, rows, query, always, dense, *state, 0, scale,
-                                                            tau, 0))
+                                                            tau, 0, k_memory, v_memory))
         (ref_out, ref_sal), (out, sal) = outs
         assert torch.allclose(out, ref_out, atol=1e-4) and torch.equal(sal, ref_sal)
         assert torch.equal(states[0][4][0, :3], states[1][4][0, :3])  # salient, exact, incremental rows
