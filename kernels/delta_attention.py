@@ -18,7 +18,7 @@ sequence keys (an encoder's KV cache, as DiffusionGemma's decoder reads it). The
 The memory is constant within a sequence (it is computed from other graph inputs, whose change starts a new
 one), so its terms are part of the cached `(context, lse)` and only sequence columns are updated.
 `softcap` (0: none): scores become `softcap * tanh(scores / softcap)` before the mask (Gemma 2).
-A soft-cap runs on the reference path (the Triton kernels have none); a memory runs on both.
+Both run on both paths.
 
 When the key length is at most `exact_below`, every query row is recomputed exactly by one SDPA call
 instead: at short lengths that costs less than the incremental update's many small ops (CPU), and it
@@ -254,12 +254,12 @@ def delta_attention(
     lse_cache: Tensor, stats: Tensor, layer: int, scale: float, tau: float, exact_below: int,
     k_memory: Optional[Tensor] = None, v_memory: Optional[Tensor] = None, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    if use_triton(q) and q.shape[2] > exact_below and not softcap:
+    if use_triton(q) and q.shape[2] > exact_below:
         from .delta_attention_triton import delta_attention_triton
 
         ctx, salient = delta_attention_triton(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache,
                                               v_cache, ctx_cache, lse_cache, stats, layer, scale, tau, k_memory,
-                                              v_memory)
+                                              v_memory, softcap)
         return _output(ctx, q.dtype, copy=True), salient
     return torch.ops.dyllm.delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense,
                                                      k_cache, v_cache, ctx_cache, lse_cache, stats, layer, scale,

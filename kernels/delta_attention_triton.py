@@ -8,7 +8,8 @@
   more than `1 - CANCELLATION_FLOOR` of its softmax mass in some head is flagged and recomputed exactly.
 
 Queries `[B, H, Lq, D]`, keys and values `[B, Hk, Lk, D]` (`H % Hk == 0`: GQA/MQA), any strides; an optional
-additive fp32 mask indexed `[b, h, query, key]` through its strides (0 for broadcast axes); any `scale`;
+additive fp32 mask indexed `[b, h, query, key]` through its strides (0 for broadcast axes); any `scale`; an optional
+soft-cap of the scores before the mask (`softcap * tanh(s / softcap)`, Gemma 2);
 `Lq != Lk` works in both kernels. `delta_attention_triton` runs one whole sparse step of the op (self-attention over
 the sequence, `Lq == Lk`, plus an optional fixed memory before it: the exact rows then read `P + Lk` keys, as
 DiffusionGemma's decoder does) without a host synchronisation.
@@ -51,11 +52,20 @@ def _query_rows(Q, INDEX, b, h, first, count, Lq, D, sqb, sqh, sql, BLOCK_M: tl.
 
 
 @triton.jit
+def _scores(q, k, scale, softcap, IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """`q @ k^T * scale` in fp32, soft-capped to `softcap * tanh(s / softcap)` when SOFTCAP (Gemma 2)."""
+    s = dot(q, tl.trans(k.to(tl.float32)), IEEE) * scale
+    if SOFTCAP:
+        s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # tanh
+    return s
+
+
+@triton.jit
 def _rows_attention_kernel(
-    Q, K, V, MASK, INDEX, COUNT, CTX, LSE, H, G, Lq, Lk, D, scale,
+    Q, K, V, MASK, INDEX, COUNT, CTX, LSE, H, G, Lq, Lk, D, scale, softcap,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, smb, smh, smq, smk, scb, sch, scl, slb, slh,
-    HAS_MASK: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b, h, hk, count, first = _tile(COUNT, H, G, BLOCK_M)
     if first >= count:
@@ -70,7 +80,7 @@ def _rows_attention_kernel(
         kv_ok = c_ok[:, None] & d_ok[None, :]
         k = tl.load(K + b * skb + hk * skh + cols[:, None] * skl + offs_d[None, :], mask=kv_ok, other=0.0)
         v = tl.load(V + b * svb + hk * svh + cols[:, None] * svl + offs_d[None, :], mask=kv_ok, other=0.0)
-        s = dot(q, tl.trans(k.to(tl.float32)), IEEE) * scale
+        s = _scores(q, k, scale, softcap, IEEE, SOFTCAP)
         if HAS_MASK:
             s += tl.load(MASK + b * smb + h * smh + rows[:, None] * smq + cols[None, :] * smk,
                          mask=valid[:, None] & c_ok[None, :], other=0.0)
@@ -90,11 +100,11 @@ def _rows_attention_kernel(
 @triton.jit
 def _incremental_kernel(
     Q, K_OLD, V_OLD, K_NEW, V_NEW, MASK, ROWS, ROW_COUNT, COLS, COL_COUNT, CTX, LSE, CANCELLED,
-    H, G, Lq, Lk, D, scale, floor,
+    H, G, Lq, Lk, D, scale, softcap, floor,
     sqb, sqh, sql, sob, soh, sol, spb, sph, spl, snb, snh, snl, swb, swh, swl,
     smb, smh, smq, smk, scb, sch, scl, slb, slh,
-    HAS_MASK: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b, h, hk, count, first = _tile(ROW_COUNT, H, G, BLOCK_M)
     if first >= count:
@@ -116,8 +126,8 @@ def _incremental_kernel(
         v_old = tl.load(V_OLD + b * spb + hk * sph + cols[:, None] * spl + offs_d[None, :], mask=kv_ok, other=0.0)
         k_new = tl.load(K_NEW + b * snb + hk * snh + cols[:, None] * snl + offs_d[None, :], mask=kv_ok, other=0.0)
         v_new = tl.load(V_NEW + b * swb + hk * swh + cols[:, None] * swl + offs_d[None, :], mask=kv_ok, other=0.0)
-        s_old = dot(q, tl.trans(k_old.to(tl.float32)), IEEE) * scale
-        s_new = dot(q, tl.trans(k_new.to(tl.float32)), IEEE) * scale
+        s_old = _scores(q, k_old, scale, softcap, IEEE, SOFTCAP)
+        s_new = _scores(q, k_new, scale, softcap, IEEE, SOFTCAP)
         if HAS_MASK:
             bias = tl.load(MASK + b * smb + h * smh + rows[:, None] * smq + cols[None, :] * smk,
                            mask=valid[:, None] & j_ok[None, :], other=0.0)
@@ -157,7 +167,7 @@ def _blocks(device: torch.device, D: int) -> dict:
     return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=block_d, num_warps=4)
 
 
-def rows_attention(q, k, v, mask, index, count, ctx, lse, scale, **blocks) -> None:
+def rows_attention(q, k, v, mask, index, count, ctx, lse, scale, softcap=0.0, **blocks) -> None:
     """Exact attention for the rows `index[b, :count[b]]` of every head: writes `ctx [B, H, Lq, D]` and
     `lse [B, H, Lq]` (fp32, last axis contiguous) there."""
     B, H, Lq, D = q.shape
@@ -166,12 +176,12 @@ def rows_attention(q, k, v, mask, index, count, ctx, lse, scale, **blocks) -> No
     m4 = _strides(mask, 4)
     wrap_triton(_rows_attention_kernel)[(B * H, triton.cdiv(Lq, cfg["BLOCK_M"]))](
         q, k, v, mask if mask is not None else q, index, count, ctx, lse, H, H // Hk, Lq, Lk, D, float(scale),
-        *_strides(q, 3), *_strides(k, 3), *_strides(v, 3), *m4, *_strides(ctx, 3), *_strides(lse, 2),
-        HAS_MASK=mask is not None, IEEE=q.dtype == torch.float32, **cfg)
+        float(softcap), *_strides(q, 3), *_strides(k, 3), *_strides(v, 3), *m4, *_strides(ctx, 3), *_strides(lse, 2),
+        HAS_MASK=mask is not None, SOFTCAP=bool(softcap), IEEE=q.dtype == torch.float32, **cfg)
 
 
 def incremental_update(q, k_old, v_old, k_new, v_new, mask, rows, row_count, cols, col_count, ctx, lse, scale,
-                       **blocks) -> Tensor:
+                       softcap=0.0, **blocks) -> Tensor:
     """Updates `(ctx, lse)` of the rows `rows[b, :row_count[b]]` for the columns `cols[b, :col_count[b]]` whose
     keys/values went from `(k_old, v_old)` to `(k_new, v_new)`. Returns the rows flagged for an exact
     recomputation (cancellation), bool `[B, Lq]`."""
@@ -181,10 +191,10 @@ def incremental_update(q, k_old, v_old, k_new, v_new, mask, rows, row_count, col
     cfg = {**_blocks(q.device, D), **blocks}
     wrap_triton(_incremental_kernel)[(B * H, triton.cdiv(Lq, cfg["BLOCK_M"]))](
         q, k_old, v_old, k_new, v_new, mask if mask is not None else q, rows, row_count, cols, col_count, ctx, lse,
-        cancelled, H, H // Hk, Lq, Lk, D, float(scale), CANCELLATION_FLOOR,
+        cancelled, H, H // Hk, Lq, Lk, D, float(scale), float(softcap), CANCELLATION_FLOOR,
         *_strides(q, 3), *_strides(k_old, 3), *_strides(v_old, 3), *_strides(k_new, 3), *_strides(v_new, 3),
         *_strides(mask, 4), *_strides(ctx, 3), *_strides(lse, 2),
-        HAS_MASK=mask is not None, IEEE=q.dtype == torch.float32, **cfg)
+        HAS_MASK=mask is not None, SOFTCAP=bool(softcap), IEEE=q.dtype == torch.float32, **cfg)
     return cancelled.view(torch.bool)
 
 
@@ -194,7 +204,8 @@ def _additive_mask(mask: Optional[Tensor], B: int, H: int, Lq: int, Lk: int) -> 
 
 
 def delta_attention_triton(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache, ctx_cache,
-                           lse_cache, stats, layer, scale, tau, k_memory=None, v_memory=None) -> tuple[Tensor, Tensor]:
+                           lse_cache, stats, layer, scale, tau, k_memory=None, v_memory=None, softcap=0.0
+                           ) -> tuple[Tensor, Tensor]:
     """One sparse (or, with `dense` set, dense) step of `dyllm::delta_attention`, all on the device:
     the same contract as `delta_attention_reference`. With a memory (`k_memory, v_memory [B, Hk, P, D]`) the exact
     rows attend to the `P + L` keys; the incremental update touches sequence columns only (the mask's last `L`)."""
@@ -217,7 +228,7 @@ def delta_attention_triton(q, k, v, attn_mask, kv_rows, query_rows, always_rows,
     rows, row_count = row_index(incremental)
     cols, col_count = row_index(changed)
     cancelled = incremental_update(q, k_cache, v_cache, k, v, sequence_mask, rows, row_count, cols, col_count,
-                                   ctx_cache, lse_cache, scale)
+                                   ctx_cache, lse_cache, scale, softcap)
     keep = changed.logical_not().view(B, 1, Lk, 1)
     torch.where(keep, k_cache, k, out=k_cache)
     torch.where(keep, v_cache, v, out=v_cache)
@@ -225,7 +236,7 @@ def delta_attention_triton(q, k, v, attn_mask, kv_rows, query_rows, always_rows,
     incremental = incremental & cancelled.logical_not()
     rows, row_count = row_index(exact)
     rows_attention(q, _keys(k_memory, k_cache), _keys(v_memory, v_cache), mask, rows, row_count, ctx_cache, lse_cache,
-                   scale)
+                   scale, softcap)
 
     salient = saliency(ctx_cache, old_ctx, query_rows, always_rows, tau) | dense_
     lse_cache.masked_fill_(query.logical_not().unsqueeze(1), math.inf)  # stale until queried again (`stale_rows`)

@@ -176,11 +176,13 @@ def test_incremental_update_equals_full_attention_over_the_new_keys(data):
     assert torch.allclose(ctx[ok], ref_ctx[ok], atol=tol * 10) and torch.allclose(lse[ok], ref_lse[ok], atol=tol * 10)
 
 
-@pytest.mark.parametrize("mask_kind,memory", [(None, 0), ("bool", 0), ("bool", 5), (None, 3)])
+@pytest.mark.parametrize("mask_kind,memory,softcap", [(None, 0, 0.0), ("bool", 0, 0.0), ("bool", 5, 0.0), (None, 3, 0.0),
+                                                       ("bool", 0, 2.0)])
 @pytest.mark.parametrize("tau", [1.0, 0.9])
-def test_delta_attention_op_triton_path_matches_reference_path(mask_kind, memory, tau):
+def test_delta_attention_op_triton_path_matches_reference_path(mask_kind, memory, softcap, tau):
     """The whole op, dense step then sparse steps: the Triton path returns what the reference path returns, also with
-    a fixed memory of `memory` keys before the sequence (DiffusionGemma's decoder: query length != key length)."""
+    a fixed memory of `memory` keys before the sequence (DiffusionGemma's decoder: query length != key length) and
+    with soft-capped scores (Gemma 2; a small cap, so that it bends the scores)."""
     g = torch.Generator().manual_seed(0)
     B, Hk, G, L, D = 2, 2, 2, 12, 8
     H, scale = Hk * G, 1 / math.sqrt(D)
@@ -205,7 +207,7 @@ def test_delta_attention_op_triton_path_matches_reference_path(mask_kind, memory
         for use, state in zip([False, True], states):
             with triton_on_cpu(use) if DEVICE == "cpu" else torch.no_grad():
                 outs.append(torch.ops.dyllm.delta_attention(q, k, v, mask, rows, query, always, dense, *state, 0, scale,
-                                                            tau, 0, k_memory, v_memory))
+                                                            tau, 0, k_memory, v_memory, softcap))
         (ref_out, ref_sal), (out, sal) = outs
         assert torch.allclose(out, ref_out, atol=1e-4) and torch.equal(sal, ref_sal)
         assert torch.equal(states[0][4][0, :3], states[1][4][0, :3])  # salient, exact, incremental rows
