@@ -34,7 +34,8 @@ from .row_layout import flat_rows, gather_rows, scatter_rows_
 # first unselected ones are added) gives every row the result of the dense GEMM.
 MIN_ROWS = 12
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu2": lambda t: F.relu(t).square()}  # gelu: the erf form
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+               "relu2": lambda t: F.relu(t).square()}
 
 
 def _at_least(rows: Tensor, n: int) -> Tensor:

@@ -3,7 +3,7 @@ fixed-capacity index with a device-side count, written straight into the full-le
 
 One program computes a `BLOCK_M x BLOCK_N` tile for `BLOCK_M` index slots; programs whose slots are all past
 the count return at once, so the launch grid is static (capacity) and the work follows the count.
-Epilogues (constexpr): bias; activation (`silu`, `gelu` (erf), `relu2`); the gated product of a
+Epilogues (constexpr): bias; activation (`silu`, `gelu` (erf), `gelu_tanh`, `relu2`); the gated product of a
 SwiGLU/GeGLU pair (`act(x @ W^T + b) * (x @ W2^T + b2)`: gate and up in one pass over `x[r]`); residual add
 (`residual[r] + ...`). Block sizes: autotuned on CUDA (`CUDA_CONFIGS`), fixed under the interpreter. fp32 inputs
 accumulate in IEEE fp32 (no TF32), so `tau = 1.0` stays exact; half inputs use the tensor cores with fp32
@@ -20,7 +20,7 @@ from torch.library import wrap_triton
 from .dispatch import interpreted
 from .triton_dot import dot
 
-ACTIVATIONS = {None: 0, "silu": 1, "gelu": 2, "relu2": 3}
+ACTIVATIONS = {None: 0, "silu": 1, "gelu": 2, "relu2": 3, "gelu_tanh": 4}
 
 
 @triton.jit
@@ -32,6 +32,9 @@ def _activate(x, ACT: tl.constexpr):
     elif ACT == 3:
         x = tl.maximum(x, 0.0)
         x = x * x
+    elif ACT == 4:  # tanh(u) = 2 sigmoid(2u) - 1
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        x = x * tl.sigmoid(2.0 * u)
     return x
 
 

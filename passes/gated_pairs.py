@@ -4,7 +4,7 @@
 `sparse_rows_linear(x, Wg, bg, rows, activation=act, weight2=Wu, bias2=bu)`: on CUDA one kernel reads `x`'s rows
 once for both weights and writes only the product (`kernels/sparse_rows_linear_triton.py`'s gated epilogue).
 Matched when both linears read the same input with the same row set, neither result nor the activation has
-another user, both or neither have a bias, and the activation is one the kernel has (SiLU, exact GELU).
+another user, both or neither have a bias, and the activation is one the kernel has (SiLU, GELU exact or tanh).
 The compact (CPU) path does not need it: its linears are plain GEMMs that Inductor fuses around.
 """
 import operator
@@ -20,8 +20,8 @@ def _activation(node: fx.Node):
         return None
     if node.target in (F.silu, torch.ops.aten.silu.default) and not node.kwargs.get("inplace", False):
         return "silu"
-    if node.target in (F.gelu, torch.ops.aten.gelu.default) and node.kwargs.get("approximate", "none") == "none":
-        return "gelu"
+    if node.target in (F.gelu, torch.ops.aten.gelu.default):
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(node.kwargs.get("approximate", "none"))
     return None
 
 

@@ -98,7 +98,7 @@ def traced_model(kind: str, policy: str) -> dict:
     captured on CPU, moved to the meta device, rewritten, and traced by AOTAutograd."""
     from torch._functorch.aot_autograd import aot_export_module
 
-    from dyllm_fx import models
+    from dyllm_fx import models, zoo
     from dyllm_fx.backend import CompiledGraph
     from dyllm_fx.options import Options
 
@@ -107,7 +107,7 @@ def traced_model(kind: str, policy: str) -> dict:
         t.device.type == "meta" or _cpu(t))
     for module in ("dispatch", "sparse_rows_linear", "row_update", "delta_attention"):
         setattr(importlib.import_module(f"dyllm_fx.kernels.{module}"), "use_triton", gpu_branch)
-    model = getattr(models, kind)(**MODEL_SIZES[kind]).eval()
+    model = (zoo.ZOO.get(kind) or getattr(models, kind))(**MODEL_SIZES[kind]).eval()
     captured = {}
 
     def capture(gm, example_inputs):
@@ -133,6 +133,7 @@ def traced_model(kind: str, policy: str) -> dict:
 MODEL_SIZES = {
     "dream_like": dict(hidden_size=32, num_layers=2, num_kv_heads=2, gqa_ratio=2, head_dim=8, vocab_size=61),
     "llada_like": dict(hidden_size=16, num_layers=2, num_heads=2, head_dim=8, vocab_size=53),
+    "gemma2": dict(num_layers=2),  # soft-capped attention scores
 }
 
 
@@ -158,7 +159,7 @@ def test_on_cpu_inductor_sees_the_reference_ops():
                           "dyllm::sparse_rows_linear_reference"], got
 
 
-@pytest.mark.parametrize("kind,policy", [("dream_like", "full"), ("llada_like", "paper")])
+@pytest.mark.parametrize("kind,policy", [("dream_like", "full"), ("llada_like", "paper"), ("gemma2", "full")])
 def test_a_whole_model_on_the_gpu_path_is_triton_kernels_and_aten_ops(kind, policy):
     got = _in_subprocess("model", kind, policy)
     assert set(got["kernels"]) == MASKED_PATH_KERNELS and got["ops"] == [] and got["syncs"] == [], got

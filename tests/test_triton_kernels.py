@@ -54,7 +54,7 @@ def test_row_index_lists_every_set_row_once(G, L, kind, seed):
 
 @settings(max_examples=25, **SETTINGS)
 @given(M=st.integers(1, 40), K=st.sampled_from([1, 7, 16, 33]), N=st.sampled_from([1, 5, 16, 24]), kind=KINDS,
-       bias=st.booleans(), act=st.sampled_from([None, "silu", "gelu", "relu2"]), gated=st.booleans(),
+       bias=st.booleans(), act=st.sampled_from([None, "silu", "gelu", "gelu_tanh", "relu2"]), gated=st.booleans(),
        residual=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 99))
 def test_sparse_rows_linear_kernel_writes_exactly_the_indexed_rows(M, K, N, kind, bias, act, gated, residual, dtype,
                                                                    seed):
@@ -70,7 +70,7 @@ def test_sparse_rows_linear_kernel_writes_exactly_the_indexed_rows(M, K, N, kind
     f = x.float()
     y = torch.nn.functional.linear(f, w.float(), None if b is None else b.float())
     y = {None: y, "silu": torch.nn.functional.silu(y), "gelu": torch.nn.functional.gelu(y),
-         "relu2": torch.relu(y).square()}[act]
+         "gelu_tanh": torch.nn.functional.gelu(y, approximate="tanh"), "relu2": torch.relu(y).square()}[act]
     if gated:
         y = y * torch.nn.functional.linear(f, w2.float(), None if b2 is None else b2.float())
     if residual:
