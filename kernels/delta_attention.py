@@ -62,7 +62,8 @@ def _additive(mask: Optional[Tensor], B: int, L: int, Lk: int) -> Optional[Tenso
     if mask is None:
         return None
     if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(mask.logical_not(), -math.inf)
+        dropped = mask.logical_not()
+        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(dropped, -math.inf)
     mask = mask.to(torch.float32)
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)

@@ -66,7 +66,8 @@ def sparse_rows_linear_reference(x, weight, bias, rows, batch_axis, token_axis, 
     return out
 
 
-def _check_epilogue(activation, weight, weight2, bias, bias2):
+def check_epilogue(activation, weight, weight2, bias, bias2):
+    """The epilogue arguments both paths take (`sparse_rows_linear_triton` checks with this too)."""
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"sparse_rows_linear: activation {activation!r}; valid: None, {', '.join(ACTIVATIONS)}")
     if weight2 is not None and (weight2.shape != weight.shape or (bias is None) != (bias2 is None)):
@@ -92,7 +93,7 @@ def sparse_rows_linear(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor, batch_axis: int, token_axis: int,
     activation: Optional[str] = None, weight2: Optional[Tensor] = None, bias2: Optional[Tensor] = None,
 ) -> Tensor:
-    _check_epilogue(activation, weight, weight2, bias, bias2)
+    check_epilogue(activation, weight, weight2, bias, bias2)
     x2d = flat_rows(x, rows, batch_axis, token_axis) if use_triton(x) else None
     if x2d is None or weight.stride(1) != 1 or (weight2 is not None and weight2.stride(1) != 1):
         return torch.ops.dyllm.sparse_rows_linear_reference(x, weight, bias, rows, batch_axis, token_axis,

@@ -18,9 +18,10 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from .dispatch import interpreted
+from .sparse_rows_linear import check_epilogue
 from .triton_dot import dot
 
-ACTIVATIONS = {None: 0, "silu": 1, "gelu": 2, "relu2": 3, "gelu_tanh": 4}
+ACTIVATIONS = {None: 0, "silu": 1, "gelu": 2, "relu2": 3, "gelu_tanh": 4}  # `_activate`'s codes of the op's names
 
 
 @triton.jit
@@ -101,14 +102,11 @@ def sparse_rows_linear_triton(
 ) -> Tensor:
     """`x [M, K]`, `weight [N, K]` (`weight2` likewise: gated pair), `index int32 [cap]`, `count int32 [1]`.
     Writes the indexed rows of `out [M, N]` (allocated uninitialised when None) and returns it."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation {activation!r}: valid {list(ACTIVATIONS)}")
+    check_epilogue(activation, weight, weight2, bias, bias2)
     M, K = x.shape
     N = weight.shape[0]
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("sparse_rows_linear_triton needs x and weight with contiguous last axes")
-    if (bias is None) != (bias2 is None) and weight2 is not None:
-        raise ValueError("a gated pair takes a bias for both halves or for neither")
     out = x.new_empty(M, N) if out is None else out
     capacity = index.numel()
     if x.device.type != "cpu" and not blocks:

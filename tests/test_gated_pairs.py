@@ -87,3 +87,11 @@ def test_opcheck_with_the_gated_epilogue(triton):
     with triton_on_cpu(triton):
         torch.library.opcheck(torch.ops.dyllm.sparse_rows_linear.default,
                               (x, wg, torch.randn(N), torch.ones_like(rows), 0, 1, "silu", wu, bu))
+
+
+def test_every_activation_of_the_op_has_a_kernel_code():
+    import importlib
+
+    names = importlib.import_module("dyllm_fx.kernels.sparse_rows_linear").ACTIVATIONS
+    codes = importlib.import_module("dyllm_fx.kernels.sparse_rows_linear_triton").ACTIVATIONS
+    assert set(codes) == {None, *names} and len(set(codes.values())) == len(codes)
