@@ -180,17 +180,26 @@ def _opcheck(name):
     torch.library.opcheck(getattr(ops, name), args)
 
 
-def test_top_level_kernels_folder_registers_nothing(monkeypatch):
-    """From the repository root `kernels/` is importable as `kernels` (transformers probes that name): inert."""
-    import importlib
+def test_top_level_kernels_folder_is_hugging_face_kernels_from_the_repository_root():
+    """From the repository root `kernels/` is importable as `kernels`, the name of Hugging Face's package that
+    transformers imports: that import must load Hugging Face's package (or fail as without the folder)."""
+    import subprocess
     import sys
     from pathlib import Path
 
     import dyllm_fx
 
-    monkeypatch.syspath_prepend(str(Path(dyllm_fx.__file__).resolve().parents[1]))
-    monkeypatch.delitem(sys.modules, "kernels", raising=False)
-    top_level = importlib.import_module("kernels")
-    assert top_level.__name__ == "kernels" and not hasattr(top_level, "delta_attention")
-    assert not any(name.startswith("kernels.") for name in sys.modules)
-    monkeypatch.delitem(sys.modules, "kernels")
+    root = Path(dyllm_fx.__file__).resolve().parents[1]
+    probe = ("import importlib.util, sys\n"
+             "if importlib.util.find_spec('transformers') is not None: import transformers.activations\n"
+             "try:\n    import kernels\nexcept ModuleNotFoundError:\n    print('none')\n"
+             "else:\n    print(kernels.__file__, hasattr(kernels, 'delta_attention'))\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True)
+    found = out.stdout.split()
+    if found != ["none"]:
+        assert Path(found[0]).resolve().parent != root / "kernels" and found[1] == "False", out.stdout
+    # without Hugging Face's package on sys.path: the import fails as it would without the folder
+    no_site = [p for p in sys.path if "-packages" not in p]
+    probe = f"import sys; sys.path[:] = [{str(root)!r}] + {no_site!r}\nimport kernels\n"
+    out = subprocess.run([sys.executable, "-S", "-c", probe], cwd=root, capture_output=True, text=True)
+    assert out.returncode != 0 and "ModuleNotFoundError: No module named 'kernels'" in out.stderr, out.stderr
