@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from dyllm_fx.stats import reset
+
 REMASKING = ("low_confidence", "random", "entropy", "margin")
 
 
@@ -215,6 +217,8 @@ def generate(model, input_ids, *, gen_length: int, steps: int, block_length: int
     remaining masks are set to eos_id in the same step; decoding stops when every sequence is finished.
     Sequences in a batch do not influence each other: with greedy decoding each row equals the decode of
     its prompt alone. Runs under torch.no_grad() and leaves the model's train/eval mode alone.
+    Every call is a new sequence: the cached state of a dyllm-compiled model is reset first (`dyllm_fx.reset`),
+    so a decode starts with its dense warm-up steps and does not depend on what the model decoded before.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError("input_ids must be an integer tensor [B, P]")
@@ -228,6 +232,7 @@ def generate(model, input_ids, *, gen_length: int, steps: int, block_length: int
     device = input_ids.device
     B, P = input_ids.shape
     mask4d, position_ids = _attention_inputs(model, input_ids, attention_mask, gen_length)
+    reset(model)
     x = torch.cat([input_ids, torch.full((B, gen_length), mask_id, dtype=input_ids.dtype, device=device)], dim=1)
     L = x.shape[1]
     predictor = _shift_index(L, shift_logits, device)
@@ -283,13 +288,15 @@ def teacher_forced_agreement(model, output: GenerateOutput, *, mask_id: int, shi
                              attention_mask: Optional[torch.Tensor] = None) -> float:
     """Share of masked generated positions, over every step of `output` (another model's decode), where
     `model`'s argmax on the same input equals the recorded argmax. Steps are replayed in order with the
-    same mask4d / position_ids handling as `generate`; nan when the records hold no masked position."""
+    same mask4d / position_ids handling as `generate`, as a new sequence (`generate` resets too); nan when the
+    records hold no masked position."""
     if not output.records:
         return math.nan
     first = output.records[0].inputs
     P = first.shape[1] - output.gen_length
     mask4d, position_ids = _attention_inputs(model, first[:, :P], attention_mask, output.gen_length)
     predictor = _shift_index(first.shape[1], shift_logits, first.device)
+    reset(model)
     agree = total = 0
     for record in output.records:
         argmax = _argmax(_forward(model, record.inputs, mask4d, position_ids)[:, predictor[P:]], mask_id)

@@ -133,6 +133,25 @@ def test_no_recompilation_across_generate():
     assert g.dense_steps + g.sparse_steps == 8
 
 
+def test_every_decode_is_a_new_sequence_without_mask_id():
+    """Without `mask_id` the backend cannot see that a same-shaped input is a new sequence; `generate` and
+    `teacher_forced_agreement` say so (reset): each starts dense, and a repeated decode is the same decode."""
+    from dyllm_fx.generate import generate, teacher_forced_agreement
+
+    torch._dynamo.reset()
+    model = dream_like(num_layers=2, hidden_size=32, num_kv_heads=2, gqa_ratio=1, head_dim=16, vocab_size=97)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, lowering="eager", dense_steps=2),
+                             dynamic=False)
+    prompt = torch.randint(0, 90, (2, 5))
+    kwargs = dict(gen_length=8, steps=8, block_length=4, mask_id=model.config.mask_token_id, shift_logits=True)
+    first = generate(compiled, prompt, **kwargs)
+    second = generate(compiled, prompt, **kwargs)
+    teacher_forced_agreement(compiled, first, mask_id=kwargs["mask_id"], shift_logits=True)
+    assert torch.equal(first.tokens, second.tokens)
+    (g,) = dyllm_fx.stats(model)
+    assert g.dense_mask.tolist() == 3 * ([True] * 2 + [False] * 6)
+
+
 def test_new_sequence_rules():
     torch._dynamo.reset()
     model = llada_like(num_layers=1, hidden_size=32, num_heads=2, vocab_size=97)
