@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from dyllm_fx.backend import graphs_of
 from dyllm_fx.stats import reset
 
 REMASKING = ("low_confidence", "random", "entropy", "margin")
@@ -81,7 +82,13 @@ def _attention_inputs(model, input_ids, attention_mask, gen_length):
     return mask4d, position_ids
 
 
-def _forward(model, x, mask4d, position_ids) -> torch.Tensor:
+def _forward(model, x, mask4d, position_ids, static: bool = False) -> torch.Tensor:
+    """The model's logits [B, L, V] for x. static: mark the inputs' sizes static, so that a new length gets a
+    graph of its own instead of Dynamo's dynamic-shape graph (which the dyllm backend runs unchanged)."""
+    if static:
+        for t in (x, mask4d, position_ids):
+            if t is not None:
+                torch._dynamo.mark_static(t)
     out = model(x) if mask4d is None else model(x, attention_mask=mask4d, position_ids=position_ids)
     logits = out.logits if hasattr(out, "logits") else out
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != x.shape:
@@ -219,6 +226,8 @@ def generate(model, input_ids, *, gen_length: int, steps: int, block_length: int
     its prompt alone. Runs under torch.no_grad() and leaves the model's train/eval mode alone.
     Every call is a new sequence: the cached state of a dyllm-compiled model is reset first (`dyllm_fx.reset`),
     so a decode starts with its dense warm-up steps and does not depend on what the model decoded before.
+    A dyllm-compiled model gets static input sizes: a prompt of a new length compiles a graph of its own (what
+    `dynamic=False` does), where Dynamo would otherwise pass a dynamic-shape graph that the backend cannot rewrite.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError("input_ids must be an integer tensor [B, P]")
@@ -233,6 +242,7 @@ def generate(model, input_ids, *, gen_length: int, steps: int, block_length: int
     B, P = input_ids.shape
     mask4d, position_ids = _attention_inputs(model, input_ids, attention_mask, gen_length)
     reset(model)
+    static = bool(graphs_of(model))  # dyllm-compiled (after its first call): one static graph per length
     x = torch.cat([input_ids, torch.full((B, gen_length), mask_id, dtype=input_ids.dtype, device=device)], dim=1)
     L = x.shape[1]
     predictor = _shift_index(L, shift_logits, device)
@@ -252,7 +262,7 @@ def generate(model, input_ids, *, gen_length: int, steps: int, block_length: int
                 candidates = x[:, start:end] == mask_id
                 if not candidates.any():
                     break
-                logits = _forward(model, x, mask4d, position_ids)
+                logits = _forward(model, x, mask4d, position_ids, static)
                 if forward_calls == 0:
                     _check_in_vocab(mask_id, logits.shape[-1], "the logits' last dimension")
                 forward_calls += 1

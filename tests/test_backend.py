@@ -152,6 +152,23 @@ def test_every_decode_is_a_new_sequence_without_mask_id():
     assert g.dense_mask.tolist() == 3 * ([True] * 2 + [False] * 6)
 
 
+def test_generate_over_prompt_lengths_rewrites_each_without_dynamic_false():
+    """`torch.compile(model, backend="dyllm")` as the README's one-liner (no `dynamic=False`): Dynamo would make
+    the second length's graph dynamic, which the backend runs unchanged; `generate` keeps every length static."""
+    from dyllm_fx.generate import generate
+
+    torch._dynamo.reset()
+    model = llada_like(num_layers=1, hidden_size=32, num_heads=2, vocab_size=97)
+    compiled = torch.compile(model, backend="dyllm", options={"tau": 0.99, "lowering": "eager"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback warns
+        for P in (5, 7, 9):
+            generate(compiled, torch.randint(0, 90, (2, P)), gen_length=4, steps=4, block_length=4,
+                     mask_id=model.config.mask_token_id, attention_mask=torch.ones(2, P, dtype=torch.long))
+    graphs = dyllm_fx.stats(model)
+    assert sorted(g.seq_len for g in graphs) == [9, 11, 13] and all(g.dense_steps == 4 for g in graphs)
+
+
 def test_new_sequence_rules():
     torch._dynamo.reset()
     model = llada_like(num_layers=1, hidden_size=32, num_heads=2, vocab_size=97)
