@@ -83,12 +83,13 @@ def _attention_inputs(model, input_ids, attention_mask, gen_length):
 
 
 def _forward(model, x, mask4d, position_ids, static: bool = False) -> torch.Tensor:
-    """The model's logits [B, L, V] for x. static: mark the inputs' sizes static, so that a new length gets a
-    graph of its own instead of Dynamo's dynamic-shape graph (which the dyllm backend runs unchanged)."""
+    """The model's logits [B, L, V] for x. static: a new input length compiles a static graph of its own instead
+    of Dynamo's dynamic-shape graph (which the dyllm backend runs unchanged). Dynamo's automatic dynamic shapes
+    are switched off for the call rather than the inputs marked static: a mark is guarded on, so marking inputs
+    of an already compiled length would compile it again."""
     if static:
-        for t in (x, mask4d, position_ids):
-            if t is not None:
-                torch._dynamo.mark_static(t)
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+            return _forward(model, x, mask4d, position_ids)
     out = model(x) if mask4d is None else model(x, attention_mask=mask4d, position_ids=position_ids)
     logits = out.logits if hasattr(out, "logits") else out
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != x.shape:
