@@ -2,11 +2,13 @@
 
     python benchmarks/profile_step.py --policy full --tau 0.99 [--model smollm2_dream] [--steps 16] [--kernel-profile]
 
-Decodes the benchmark's default batch (GSM8K prompts) with the dyllm backend, then profiles the
-last `--profiled` forward calls (all sparse) and prints the top ops by self CPU time, then the same time in
-groups (GEMMs, attention, Inductor's kernels, row indexes, the rest), per step and as shares.
+Decodes the benchmark's default batch (GSM8K prompts) with the dyllm backend, times `--profiled` sparse steps by
+the clock, then profiles as many more and prints the top ops by self CPU time, then the same time in groups
+(GEMMs, attention, Inductor's kernels, row indexes, the rest), per step and as shares. The clock's step time less
+the ops' self time is time outside every op: Python (the graph's wrapper, Dynamo's guards, the backend's state).
 """
 import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -82,13 +84,20 @@ def main():
     with torch.no_grad():
         for i in range(args.steps):
             step(i)
+        start = time.perf_counter()
+        for i in range(args.steps, args.steps + args.profiled):
+            step(i)
+        wall_ms = 1000 * (time.perf_counter() - start) / args.profiled
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for i in range(args.steps, args.steps + args.profiled):
+            for i in range(args.steps + args.profiled, args.steps + 2 * args.profiled):
                 step(i)
-    print(f"{args.model} policy={args.policy} tau={args.tau}, {args.profiled} sparse steps profiled")
+    print(f"{args.model} policy={args.policy} tau={args.tau}, {args.profiled} sparse steps timed, as many profiled")
     events = prof.key_averages()
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
     print(grouped(events, args.profiled))
+    ops_ms = sum(e.self_cpu_time_total for e in events) / 1000.0 / args.profiled
+    print(f"{wall_ms:.1f} ms per step by the clock (unprofiled steps); outside every op (Python): "
+          f"{wall_ms - ops_ms:.1f} ms (the profiler inflates op times: a lower bound)")
     print(f"mean salient fraction over the sparse steps: {dyllm_fx.stats(model)[0].mean_salient_fraction:.3f}")
 
 
