@@ -16,7 +16,7 @@ def _script(name):
 
 
 def test_kernel_table_runs_at_tiny_sizes(capsys):
-    bench = _script("kernels")
+    bench = _script("kernel_table")
     rows = bench.main(["--tiny", "--device", "cuda" if torch.cuda.is_available() else "cpu"])
     assert len(rows) == 2 * len(bench.FRACTIONS) + len(bench.CHANGED)
     assert all(r["ms"] > 0 and r["dense_ms"] > 0 for r in rows)
@@ -36,3 +36,16 @@ def test_step_profile_groups_add_up_to_the_profiled_time():
     assert shares[profile_step.GROUPS[0][0]] == 40.0 and shares[profile_step.GROUPS[1][0]] == 20.0
     assert shares[profile_step.GROUPS[3][0]] == 10.0 and shares[profile_step.GROUPS[-1][0]] == 20.0
     assert abs(sum(shares.values()) - 100.0) < 0.5
+
+
+def test_no_script_shadows_a_module():
+    """`python benchmarks/NAME.py` puts its folder first on sys.path: a script named like a module that the code
+    imports (transformers imports Hugging Face's `kernels`) would be imported in its place."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    for script in [*(root / "benchmarks").glob("*.py"), *(root / "examples").glob("*.py")]:
+        name = script.stem
+        assert name not in sys.stdlib_module_names and importlib.util.find_spec(name) is None, \
+            f"{script.relative_to(root)} shadows the module {name!r}: rename it"

@@ -1,7 +1,7 @@
 """Kernel table: the Triton row kernels against the dense torch ops they replace.
 
-    python benchmarks/kernels.py                      # GPU: LLaDA-8B shapes, bf16
-    TRITON_INTERPRET=1 python benchmarks/kernels.py --tiny --device cpu   # the same code at toy sizes, interpreted
+    python benchmarks/kernel_table.py                      # GPU: LLaDA-8B shapes, bf16
+    TRITON_INTERPRET=1 python benchmarks/kernel_table.py --tiny --device cpu   # the same code at toy sizes, interpreted
 
 - sparse-row linear at row fractions 1-100 % of `--rows` rows, 4096 -> 12288 and 12288 -> 4096 (LLaDA-8B's MLP),
   against `torch.nn.functional.linear` over every row; *of ideal*: the kernel's time over (dense time x fraction),
