@@ -41,7 +41,6 @@ def test_step_profile_groups_add_up_to_the_profiled_time():
 def test_no_script_shadows_a_module():
     """`python benchmarks/NAME.py` puts its folder first on sys.path: a script named like a module that the code
     imports (transformers imports Hugging Face's `kernels`) would be imported in its place."""
-    import importlib.util
     import sys
 
     root = Path(__file__).resolve().parents[1]
