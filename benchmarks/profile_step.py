@@ -77,7 +77,8 @@ def main():
     P = ids.shape[1]
 
     def step(i):
-        out = compiled(x, attention_mask=mask4d, position_ids=positions)
+        with dyllm_fx.borrowed_outputs():  # as in generate: no copy of the logits cache
+            out = compiled(x, attention_mask=mask4d, position_ids=positions)
         logits = out.logits if hasattr(out, "logits") else out
         x[:, P + i] = logits[:, P + i - 1].argmax(-1)  # commit one token per sequence, left to right
 

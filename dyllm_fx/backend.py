@@ -15,6 +15,7 @@ from torch import fx, nn
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from dyllm_fx.options import Options
+from dyllm_fx.outputs import owned
 from dyllm_fx.passes.attention import find_attention
 from dyllm_fx.passes.gated_pairs import fuse_gated_pairs
 from dyllm_fx.passes.regions import plan_linears
@@ -244,7 +245,7 @@ class CompiledGraph:
         extra = self.state.prepare(args)
         out = self.compiled(*args, *extra)
         self.state.record()
-        return out
+        return owned(out, self.state.storages)
 
 
 def dyllm_backend(gm: fx.GraphModule, example_inputs, mode: Optional[str] = None, options: Optional[dict] = None):

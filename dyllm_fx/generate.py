@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from dyllm_fx.backend import graphs_of
+from dyllm_fx.outputs import borrowed_outputs
 from dyllm_fx.stats import reset
 
 REMASKING = ("low_confidence", "random", "entropy", "margin")
@@ -86,11 +87,13 @@ def _forward(model, x, mask4d, position_ids, static: bool = False) -> torch.Tens
     """The model's logits [B, L, V] for x. static: a new input length compiles a static graph of its own instead
     of Dynamo's dynamic-shape graph (which the dyllm backend runs unchanged). Dynamo's automatic dynamic shapes
     are switched off for the call rather than the inputs marked static: a mark is guarded on, so marking inputs
-    of an already compiled length would compile it again."""
+    of an already compiled length would compile it again. The logits may be a dyllm cache buffer
+    (`borrowed_outputs`): valid until the model's next call."""
     if static:
         with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
             return _forward(model, x, mask4d, position_ids)
-    out = model(x) if mask4d is None else model(x, attention_mask=mask4d, position_ids=position_ids)
+    with borrowed_outputs():  # both callers read the logits before the next call
+        out = model(x) if mask4d is None else model(x, attention_mask=mask4d, position_ids=position_ids)
     logits = out.logits if hasattr(out, "logits") else out
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != x.shape:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__

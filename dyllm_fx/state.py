@@ -31,6 +31,7 @@ class SequenceState:
         self.other_input_indices = other_input_indices
         self.buffers = buffers
         self.tensors = [_allocate(b, device) for b in buffers]
+        self.storages = frozenset(t.untyped_storage().data_ptr() for t in self.tensors)  # see outputs.py
         self.by_role = {}
         for b, t in zip(buffers, self.tensors):
             self.by_role.setdefault(b.role, []).append(t)

@@ -221,6 +221,38 @@ def test_two_compiled_models_do_not_share_state():
     assert len(dyllm_fx.stats(a)[0].dense_mask) == 2 and len(dyllm_fx.stats(b)[0].dense_mask) == 2
 
 
+def _two_calls(lowering):
+    """Outputs of two calls of a compiled model whose logits are a cache (gated LM head), the second call's input
+    one token further; the first output as it was right after its call."""
+    torch._dynamo.reset()
+    model = tiny_dllm(vocab_size=97, dim=16, n_layers=2, n_heads=2)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, policy="full", lowering=lowering,
+                                                             dense_steps=1), dynamic=False)
+    ids = torch.full((1, 12), model.config.mask_token_id)
+    ids[0, :4] = torch.arange(4)
+    with torch.no_grad():
+        first = logits_of(compiled(ids))
+        as_returned = first.clone()
+        ids = ids.clone()
+        ids[0, 5] = 7
+        second = logits_of(compiled(ids))
+    return first, as_returned, second
+
+
+@pytest.mark.parametrize("lowering", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_outputs_stay_valid_after_the_next_call(lowering):
+    first, as_returned, second = _two_calls(lowering)
+    assert torch.equal(first, as_returned)
+    assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+
+
+def test_borrowed_outputs_are_the_cache_without_a_copy():
+    with dyllm_fx.borrowed_outputs():
+        first, as_returned, second = _two_calls("eager")
+    assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+    assert torch.equal(first, second) and not torch.equal(first, as_returned)
+
+
 @pytest.mark.parametrize("options,match", [
     ({"tua": 0.9}, "unknown dyllm option"),
     ({"tau": 0.0}, "tau"),
