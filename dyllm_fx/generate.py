@@ -102,10 +102,14 @@ def _forward(model, x, mask4d, position_ids, static: bool = False) -> torch.Tens
     return logits
 
 
-def _shift_index(length: int, shift_logits: bool, device) -> torch.Tensor:
-    """Column of the raw logits that predicts each position (i-1 when shifted, 0 for position 0)."""
-    index = torch.arange(length, device=device)
-    return (index - 1).clamp(min=0) if shift_logits else index
+def _predicting(logits, start: int, end: int, shift_logits: bool) -> torch.Tensor:
+    """The logits predicting positions start..end-1: column i - 1 predicts position i when shifted (position 0
+    its own). A view, no copy, where the columns are consecutive (every range but one starting at 0, shifted)."""
+    if not shift_logits:
+        return logits[:, start:end]
+    if start >= 1:
+        return logits[:, start - 1:end - 1]
+    return logits[:, (torch.arange(start, end, device=logits.device) - 1).clamp(min=0)]
 
 
 def _argmax(logits, mask_id) -> torch.LongTensor:
@@ -249,7 +253,6 @@ def generate(model, input_ids, *, gen_length: int, steps: int, block_length: int
     static = bool(graphs_of(model))  # dyllm-compiled (after its first call): one static graph per length
     x = torch.cat([input_ids, torch.full((B, gen_length), mask_id, dtype=input_ids.dtype, device=device)], dim=1)
     L = x.shape[1]
-    predictor = _shift_index(L, shift_logits, device)
     mask_column = torch.tensor([mask_id], device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     records, forward_calls = [], 0
@@ -270,8 +273,9 @@ def generate(model, input_ids, *, gen_length: int, steps: int, block_length: int
                 if forward_calls == 0:
                     _check_in_vocab(mask_id, logits.shape[-1], "the logits' last dimension")
                 forward_calls += 1
-                argmax = _argmax(logits[:, predictor[P:]], mask_id)  # the generated part only: half the work
-                block_logits = logits[:, predictor[start:end]].index_fill_(-1, mask_column, -math.inf)
+                argmax = _argmax(_predicting(logits, P, L, shift_logits), mask_id)  # the generated part only
+                block_logits = _predicting(logits, start, end, shift_logits).clone()  # filled in place below
+                block_logits.index_fill_(-1, mask_column, -math.inf)
                 if temperature > 0:
                     uniform = torch.rand(block_logits.shape, dtype=torch.float64, device=device)
                     x0 = (block_logits.double() - temperature * torch.log(-torch.log(uniform))).argmax(-1)
@@ -309,11 +313,11 @@ def teacher_forced_agreement(model, output: GenerateOutput, *, mask_id: int, shi
     first = output.records[0].inputs
     P = first.shape[1] - output.gen_length
     mask4d, position_ids = _attention_inputs(model, first[:, :P], attention_mask, output.gen_length)
-    predictor = _shift_index(first.shape[1], shift_logits, first.device)
     reset(model)
     agree = total = 0
     for record in output.records:
-        argmax = _argmax(_forward(model, record.inputs, mask4d, position_ids)[:, predictor[P:]], mask_id)
+        logits = _forward(model, record.inputs, mask4d, position_ids)
+        argmax = _argmax(_predicting(logits, P, logits.shape[1], shift_logits), mask_id)
         masked = record.inputs[:, P:] == mask_id
         agree += int((masked & (argmax == record.argmax)).sum())
         total += int(masked.sum())

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from dyllm_fx.generate import REMASKING, generate, teacher_forced_agreement, transfer_schedule
+from dyllm_fx.generate import REMASKING, _predicting, generate, teacher_forced_agreement, transfer_schedule
 from dyllm_fx.models import dream_like, llada_like, tiny_dllm
 
 VOCAB = 41
@@ -176,6 +176,17 @@ def test_shift_logits_reads_the_previous_position():
     assert shifted.records[0].argmax[0].tolist() == targets[2:]
     plain = generate(model, ids, gen_length=6, steps=6, block_length=3)
     assert plain.generated.tolist() != [targets[2:]]
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_predicting_columns_are_views_where_consecutive(shift):
+    logits = torch.randn(2, 7, 5)
+    column = (torch.arange(7) - 1).clamp(min=0) if shift else torch.arange(7)  # position 0 predicted by its own
+    for start in range(7):
+        for end in range(start + 1, 8):
+            got = _predicting(logits, start, end, shift)
+            assert torch.equal(got, logits[:, column[start:end]])
+            assert (got.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()) == (start >= 1 or not shift)
 
 
 def test_logits_objects_and_plain_tensors_decode_alike():
