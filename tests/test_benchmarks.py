@@ -48,3 +48,11 @@ def test_no_script_shadows_a_module():
         name = script.stem
         assert name not in sys.stdlib_module_names and importlib.util.find_spec(name) is None, \
             f"{script.relative_to(root)} shadows the module {name!r}: rename it"
+
+
+def test_gemm_floor_times_every_linear_at_each_row_count(capsys):
+    rows = _script("gemm_floor").main(["--model", "llada_like", "--rows", "2", "5", "--repeats", "1"])
+    paths = {(r["path"], r["rows"]) for r in rows}
+    assert ("read", 0) in paths and {("F.linear", 2), ("F.linear", 5)} <= paths
+    assert all(r["ms"] > 0 for r in rows)
+    assert "| read | - |" in capsys.readouterr().out
