@@ -26,8 +26,8 @@ GROUPS = [
     ("attention (SDPA)", lambda n: "scaled_dot_product" in n),
     ("Inductor's C++ kernels (gathers, norms, RoPE, SwiGLU, cache writes, saliency)",
      lambda n: n.startswith("graph_") and "_cpp_" in n),
-    ("row indexes (select_rows, nonzero)",
-     lambda n: n in ("dyllm::select_rows", "dyllm::select_rows_per_sequence", "aten::nonzero")),
+    ("row indexes (select_rows, nonzero, sort)",
+     lambda n: n in ("dyllm::select_rows", "aten::nonzero", "aten::sort")),
     ("packed_linear's own Python", lambda n: n == "dyllm::packed_linear"),
     ("the rest (graph wrapper, Dynamo guards, views, allocations)", lambda n: True),
 ]

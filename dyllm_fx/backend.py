@@ -87,17 +87,19 @@ def _static_fakes(tensors) -> list:
 
 
 def _allow_data_dependent_sizes(example_inputs) -> None:
-    """Lets the compiler trace `select_rows` (an output size that depends on data) in this graph: Dynamo
-    allows such ops only under `fullgraph=True` or `capture_dynamic_output_shape_ops`, a setting of the
-    graph's ShapeEnv that the rewrite, not the user's code, needs."""
+    """Lets the compiler trace `select_rows` (an output size that depends on data) and the `.item()` of
+    `select_rows_per_sequence` in this graph: Dynamo allows them only under `fullgraph=True` or
+    `capture_dynamic_output_shape_ops` / `capture_scalar_outputs`, settings of the graph's ShapeEnv that the
+    rewrite, not the user's code, needs."""
     import dataclasses
 
     from torch._guards import detect_fake_mode
 
     fake_mode = detect_fake_mode(example_inputs)
     shape_env = getattr(fake_mode, "shape_env", None)
-    if shape_env is not None and not shape_env.allow_dynamic_output_shape_ops:
-        shape_env.settings = dataclasses.replace(shape_env.settings, allow_dynamic_output_shape_ops=True)
+    if shape_env is not None and not (shape_env.allow_dynamic_output_shape_ops and shape_env.allow_scalar_outputs):
+        shape_env.settings = dataclasses.replace(shape_env.settings, allow_dynamic_output_shape_ops=True,
+                                                 allow_scalar_outputs=True)
 
 
 def _packed_bytes(linears) -> int:

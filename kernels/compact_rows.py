@@ -45,29 +45,19 @@ def _(rows):
 
 select_rows = torch.ops.dyllm.select_rows.default
 
-torch.library.define("dyllm::select_rows_per_sequence", "(Tensor rows) -> Tensor")
-
-
-@torch.library.impl("dyllm::select_rows_per_sequence", "CompositeExplicitAutograd")
-def _select_rows_per_sequence(rows: Tensor) -> Tensor:
-    n = min(max(int(rows.sum(1).max()) if rows.numel() else 0, 2), rows.shape[1])
-    order = torch.sort(rows.to(torch.int8), dim=1, descending=True, stable=True).indices
-    return order[:, :n].contiguous()
-
-
-@torch.library.register_fake("dyllm::select_rows_per_sequence")
-def _(rows):
+def select_rows_per_sequence(rows: Tensor) -> Tensor:
+    """`[B, L]` mask -> `[B, n]`: per sequence, its set rows ascending, then its other rows ascending, cut at the
+    largest count `n`, at least 2 (or L): Inductor's bmm lowering cannot decide `n == 1` for an unbacked `n`.
+    Every slot names a real row of its sequence, each row at most once. Plain torch, traced into the graph (the
+    count is an unbacked size read by `.item()`): an opaque op's per-call dispatch cost more than its work."""
     L = rows.shape[1]
-    if isinstance(L, int) and L <= 2:
-        return rows.new_empty(rows.shape, dtype=torch.int64)
-    n = torch.library.get_ctx().new_dynamic_size(min=2, max=L if isinstance(L, int) else None)
-    return rows.new_empty(rows.shape[0], n, dtype=torch.int64)
-
-
-# `[B, L]` mask -> `[B, n]`: per sequence, its set rows ascending, then its other rows ascending, cut at the
-# largest count `n`, at least 2 (or L): Inductor's bmm lowering cannot decide `n == 1` for an unbacked `n`.
-# Every slot names a real row of its sequence, each row at most once.
-select_rows_per_sequence = torch.ops.dyllm.select_rows_per_sequence.default
+    order = torch.sort(rows.to(torch.int8), dim=1, descending=True, stable=True).indices
+    if L <= 2:
+        return order
+    n = rows.sum(1).max().clamp(2, L).item()
+    torch._check(n >= 2)
+    torch._check(n <= L)
+    return order.narrow(1, 0, n)
 
 
 def take_rows(t: Tensor, index: Tensor, batch_axis: int, token_axis: int) -> Tensor:

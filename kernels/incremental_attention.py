@@ -47,26 +47,30 @@ def incremental_attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optio
     stale = stale_rows(lse_cache)
     heads = lambda t: t.reshape(B * Hk, g * t.shape[2], *t.shape[3:])  # [B, H, x, ...] -> [B * Hk, g * x, ...]
 
-    # incremental: every row, over the changed columns' old and new keys/values (`n` each, one bmm for both)
+    # incremental: every row, over the changed columns' old and new keys/values (`n` each, one bmm for both).
+    # Scores are laid out columns-outer, `[B * Hk, 2n, g * L]`: the reductions over the few columns then run as
+    # vector ops along the rows, where rows-inner `[.., g * L, 2n]` left Inductor's loops a data-dependent inner
+    # axis of a few elements, with an integer division per element.
     changed = kv_rows & ~dense
     cols = select_rows_per_sequence(changed)  # [B, n]
     n = cols.shape[1]
-    col_bias = torch.where(changed.gather(1, cols), 0.0, -math.inf)[:, None, None, :].expand(B, H, L, n)
-    if bias is not None:
-        col_bias = col_bias + bias.gather(3, cols[:, None, None, :].expand(B, H, L, n))
-    col_bias = heads(col_bias)
+    col_bias = torch.where(changed.gather(1, cols), 0.0, -math.inf)[:, None, :, None]  # [B, 1, n, 1]
+    if bias is not None:  # [B, H, L, L] -> the columns' [B, H, n, L]
+        col_bias = col_bias + bias.gather(3, cols[:, None, None, :].expand(B, H, L, n)).transpose(2, 3)
+    col_bias = col_bias.expand(B, H, n, L).reshape(B, Hk, g, n, L).transpose(2, 3).reshape(B * Hk, n, g * L)
     k_cols = torch.cat([_rows(t.to(torch.float32), cols).view(B * Hk, n, D) for t in (k_prev, kf)], 1)
     v_cols = torch.cat([_rows(t.to(torch.float32), cols).view(B * Hk, n, D) for t in (v_prev, vf)], 1)
-    s = torch.bmm(heads(qf), k_cols.transpose(1, 2)) * scale + torch.cat([col_bias, col_bias], -1)
+    s = torch.bmm(k_cols, heads(qf).transpose(1, 2)) * scale + torch.cat([col_bias, col_bias], 1)  # [B*Hk, 2n, gL]
     lse0 = heads(lse_cache)  # [B * Hk, g * L]
     lse_known = torch.where(lse0 == math.inf, 0.0, lse0)
-    m = torch.maximum(lse_known, s.amax(-1))
-    w = torch.exp(s - m.unsqueeze(-1))  # [B * Hk, g * L, 2n]: old columns first, then new
+    m = torch.maximum(lse_known, s.amax(1))
+    w = torch.exp(s - m.unsqueeze(1))  # old columns first, then new
     base = torch.exp(lse_known - m)
-    rest = base - w.narrow(-1, 0, n).sum(-1)
-    den = rest + w.narrow(-1, n, n).sum(-1)
+    rest = base - w.narrow(1, 0, n).sum(1)
+    den = rest + w.narrow(1, n, n).sum(1)
     sign = torch.cat([w.new_full((n,), -1.0), w.new_ones(n)])
-    ctx = (heads(ctx_cache) * base.unsqueeze(-1) + torch.bmm(w * sign, v_cols)) / den.unsqueeze(-1)
+    ctx = (heads(ctx_cache) * base.unsqueeze(-1) + torch.bmm((w * sign[:, None]).transpose(1, 2), v_cols)) \
+        / den.unsqueeze(-1)
     ctx, lse = ctx.view(B, H, L, D), (m + torch.log(den)).view(B, H, L)
     cancelled = (rest < CANCELLATION_FLOOR * base).view(B, H, L).any(1)
 
