@@ -150,3 +150,24 @@ def test_under_inductor_matches_eager():
         got = compiled(q, k, v, mask, rows, dense=i == 0, step=step)
         assert torch.allclose(got[0], want[0], atol=1e-5) and torch.equal(got[1], want[1])
         assert torch.equal(compiled.stats, eager.stats)
+
+
+@settings(max_examples=20, deadline=None)
+@given(G=st.integers(1, 3), M=st.integers(1, 9), N=st.integers(1, 6), seed=st.integers(0, 99),
+       masked=st.booleans())
+def test_attend_on_cpu_equals_the_plain_product_of_other_devices(G, M, N, seed, masked):
+    """`_attend`'s CPU flash kernel and `attend_math` (its branch off CPU) agree, rows attending to no column
+    included (context 0, lse 0 from both)."""
+    from dyllm_fx.kernels.incremental_attention import _attend, attend_math
+
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, G, n, 4, generator=gen) for n in (M, N, N))
+    bias = None
+    if masked:
+        bias = torch.where(torch.rand(2, G, M, N, generator=gen) < 0.5, 0.0, -math.inf)
+        bias[0, 0, 0] = -math.inf  # a row that attends to nothing
+    ctx, lse = _attend(q, k, v, bias, 0.5)
+    ctx_math, lse_math = attend_math(q, k, v, bias, 0.5)
+    assert torch.allclose(ctx, ctx_math, atol=1e-5) and torch.allclose(lse, lse_math, atol=1e-5)
+    if masked:
+        assert ctx[0, 0, 0].abs().max() == 0 and lse[0, 0, 0] == 0
