@@ -6,30 +6,17 @@ update over the changed keys (the two forms `exact_attention_below` chooses betw
 SmolLM2-135M's attention shape by default (batch 2, 9 query heads over 3 KV heads of 64). Per length and changed
 fraction: K/V change on that share of rows per sequence (at least one), every row is a query row, caches hold the
 previous step's exact state. Each form is one `torch.compile`d call of the function the rewrite puts in the graph
-(`kernels/exact_attention.py`, `kernels/incremental_attention.py`); median ms of `--repeats` calls after a warm-up,
+(`kernels/exact_attention.py`, `kernels/incremental_attention.py`); median ms of `--repeats` calls after three warm-up calls,
 and the largest difference of the incremental form's context from SDPA's.
 """
 import argparse
 import math
-import statistics
-import time
 
 import torch
 
+from dyllm_fx.bench import median_ms
 from dyllm_fx.kernels.exact_attention import exact_attention_step
 from dyllm_fx.kernels.incremental_attention import incremental_attention_step
-
-
-def timed(fn, repeats: int) -> float:
-    """Median milliseconds of `fn()` after three warm-up calls."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def layer_inputs(B, H, Hk, L, D, changed: float, gen):
@@ -71,12 +58,12 @@ def main(argv=None) -> list[dict]:
                                  ctx.clone(), lse.clone(), stats, 0, scale, 0.99)
             sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=Hk != H)
             row = dict(length=L, changed=changed, error=(out - sdpa).abs().max().item())
-            row["incremental_ms"] = timed(lambda: incremental(
+            row["incremental_ms"] = median_ms(lambda: incremental(
                 q, k, v, None, kv_rows, query, always, dense, k_prev, v_prev, ctx, lse, stats, 0, scale, 0.99),
-                args.repeats)
+                args.repeats, warmup=3)
             ctx_exact = ctx.clone()
-            row["exact_ms"] = timed(lambda: exact(q, k, v, None, query, always, ctx_exact, stats, 0, scale, 0.99),
-                                    args.repeats)
+            row["exact_ms"] = median_ms(
+                lambda: exact(q, k, v, None, query, always, ctx_exact, stats, 0, scale, 0.99), args.repeats, warmup=3)
             results.append(row)
     print(f"batch {B}, {H} heads over {Hk} KV heads of {D}, {torch.get_num_threads()} threads")
     print("| length | changed rows | every row exact (SDPA) ms | incremental ms | incremental / exact | max abs diff |")

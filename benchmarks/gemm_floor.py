@@ -13,26 +13,14 @@ the time to stream every weight once, whatever the salient fraction. Each figure
 The last column is the fp32 weights' size over the time (for bf16 too: the same weights, half the bytes read).
 """
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dyllm_fx.bench import median_ms
 from dyllm_fx.kernels.packed_linear import PACK_ROWS_HINT, available, packed_linear
 from dyllm_fx.models import get_model
-
-
-def timed(fn, repeats: int) -> float:
-    """Median milliseconds of `fn()` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def _packed_bf16(weights):
@@ -56,7 +44,7 @@ def main(argv=None) -> list[dict]:
     gb = sum(w.numel() * w.element_size() for w in weights) / 1e9
     packed = available(torch.float32, "cpu")
     bf16 = _packed_bf16(weights) if packed else None
-    results = [dict(path="read", rows=0, ms=timed(lambda: [w.sum() for w in weights], args.repeats))]
+    results = [dict(path="read", rows=0, ms=median_ms(lambda: [w.sum() for w in weights], args.repeats))]
     with torch.no_grad():
         for n in args.rows:
             xs = [torch.randn(n, w.shape[1]) for w in weights]
@@ -68,7 +56,7 @@ def main(argv=None) -> list[dict]:
                     paths["packed bf16"] = lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
                                                     for x, w in zip(xb, bf16)]
             for path, fn in paths.items():
-                results.append(dict(path=path, rows=n, ms=timed(fn, args.repeats)))
+                results.append(dict(path=path, rows=n, ms=median_ms(fn, args.repeats)))
     print(f"{args.model}: {len(weights)} linears, {gb * 1e3:.0f} MB of fp32 weights, {torch.get_num_threads()} threads")
     print("| path | rows | ms per pass | fp32 weight GB / s |")
     print("|---|---:|---:|---:|")

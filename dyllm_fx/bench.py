@@ -159,6 +159,21 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
+def median_ms(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall-clock milliseconds of `fn()` over `repeats` calls after `warmup` calls (CPU timings of the
+    scripts in `benchmarks/`)."""
+    import statistics
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def _timed_decode(model, input_ids, gen_kwargs, args) -> tuple[float, "object"]:
     torch.manual_seed(args.seed)
     _sync(args.device)

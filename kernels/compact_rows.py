@@ -47,7 +47,7 @@ select_rows = torch.ops.dyllm.select_rows.default
 
 def select_rows_per_sequence(rows: Tensor) -> Tensor:
     """`[B, L]` mask -> `[B, n]`: per sequence, its set rows ascending, then its other rows ascending, cut at the
-    largest count `n`, at least 2 (or L): Inductor's bmm lowering cannot decide `n == 1` for an unbacked `n`.
+    largest count `n`, at least 2 (or L), so that no lowering has to decide `n == 1` for an unbacked `n`.
     Every slot names a real row of its sequence, each row at most once. Plain torch, traced into the graph (the
     count is an unbacked size read by `.item()`): an opaque op's per-call dispatch cost more than its work."""
     L = rows.shape[1]
