@@ -31,18 +31,13 @@ from .saliency import saliency_reference
 
 
 def _rows(t: Tensor, index: Tensor) -> Tensor:
-    """`t [B, G, L, D]` at the rows `index [B, r]` of each sequence: `[B * G * r, D]` (one `index_select`).
-    Matmul operands are built from such 2-D gathers: Inductor cannot order the strides of a buffer whose
-    data-dependent axis sits next to a size-1 one (a single KV head, one query per KV head)."""
+    """`t [B, G, L, D]` at the rows `index [B, r]` of each sequence, fp32: `[B, G, r, D]` (one `index_select`).
+    Operands are built from such 2-D gathers: Inductor cannot order the strides of a buffer whose data-dependent
+    axis sits next to a size-1 one (a single KV head, one query per KV head)."""
     B, G, L, D = t.shape
     base = (torch.arange(B, device=t.device)[:, None, None] * G + torch.arange(G, device=t.device)[:, None]) * L
-    return t.reshape(B * G * L, D).index_select(0, (base + index[:, None, :]).reshape(-1))
-
-
-def _cols(t: Tensor, cols: Tensor) -> Tensor:
-    """`t [B, Hk, L, D]` at the columns `cols [B, n]` of each sequence, fp32: `[B, Hk, n, D]`."""
-    B, G, L, D = t.shape
-    return _rows(t.to(torch.float32), cols).view(B, G, cols.shape[1], D)
+    flat = t.to(torch.float32).reshape(B * G * L, D).index_select(0, (base + index[:, None, :]).reshape(-1))
+    return flat.view(B, G, index.shape[1], D)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
@@ -87,8 +82,8 @@ def incremental_attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optio
     reached = (col_bias > -math.inf).any(-1)  # [B, H, L]: rows with a changed column they attend to
     gq = qf.reshape(B, Hk, g * L, D)  # query heads grouped by KV head
     gb = col_bias.reshape(B, Hk, g * L, n)
-    ctx_old, lse_old = _attend(gq, _cols(k_prev, cols), _cols(v_prev, cols), gb, scale)
-    ctx_new, lse_new = _attend(gq, _cols(kf, cols), _cols(vf, cols), gb, scale)
+    ctx_old, lse_old = _attend(gq, _rows(k_prev, cols), _rows(v_prev, cols), gb, scale)
+    ctx_new, lse_new = _attend(gq, _rows(kf, cols), _rows(vf, cols), gb, scale)
     lse_old, lse_new = (torch.where(reached, t.reshape(B, H, L), -math.inf) for t in (lse_old, lse_new))
     lse_known = torch.where(lse_cache == math.inf, 0.0, lse_cache)
     m = torch.maximum(lse_known, lse_new)
@@ -105,7 +100,7 @@ def incremental_attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optio
     incremental = query_rows & ~exact & changed.any(1, keepdim=True)
     rows = select_rows_per_sequence(exact)  # [B, r]
     r = rows.shape[1]
-    rq = _rows(qf, rows).view(B, Hk, g * r, D)
+    rq = _rows(qf, rows).view(B, Hk, g * r, D)  # query heads grouped by KV head
     rb = None if bias is None else bias.gather(2, rows[:, None, :, None].expand(B, H, r, L)).reshape(B, Hk, g * r, L)
     ctx_rows, lse_rows = _attend(rq, kf, vf, rb, scale)
     ctx = ctx.scatter(2, rows[:, None, :, None].expand(B, H, r, D), ctx_rows.reshape(B, H, r, D))
