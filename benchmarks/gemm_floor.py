@@ -50,7 +50,7 @@ def main(argv=None) -> list[dict]:
             xs = [torch.randn(n, w.shape[1]) for w in weights]
             paths = {"F.linear": lambda: [F.linear(x, w) for x, w in zip(xs, weights)]}
             if packed:
-                paths["packed_linear"] = lambda: [packed_linear(x, w, None) for x, w in zip(xs, weights)]
+                paths["packed_linear"] = lambda: [packed_linear(x, [w], [None]) for x, w in zip(xs, weights)]
                 if bf16 is not None:
                     xb = [x.to(torch.bfloat16) for x in xs]
                     paths["packed bf16"] = lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")

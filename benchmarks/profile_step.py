@@ -63,9 +63,9 @@ def main():
                    help="name Inductor's C++ kernels in the table (else their time is the compiled graph's own)")
     args = p.parse_args()
     if args.kernel_profile:
-        import torch._inductor.config
+        from torch._inductor import config as inductor_config  # `import torch._inductor...` would make torch local
 
-        torch._inductor.config.cpp.enable_kernel_profile = True
+        inductor_config.cpp.enable_kernel_profile = True
 
     model = get_model(args.model)
     ids, mask, _ = _prompts(args, model)

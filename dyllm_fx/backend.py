@@ -20,6 +20,7 @@ from dyllm_fx.passes.attention import find_attention
 from dyllm_fx.passes.gated_pairs import fuse_gated_pairs
 from dyllm_fx.passes.regions import plan_linears
 from dyllm_fx.passes.saliency_rewrite import SaliencyRewrite
+from dyllm_fx.passes.shared_input_linears import group_shared_input_linears
 from dyllm_fx.passes.token_axis import TokenAxisAnalysis
 from dyllm_fx.report import Report
 from dyllm_fx.state import SequenceState
@@ -232,6 +233,7 @@ class CompiledGraph:
         self.report.attention = result.attention
         if packed:
             self.report.packed_bytes = _packed_bytes(self.linears)
+            self.report.grouped_linears = group_shared_input_linears(rewritten)
         others = [i for i, (n, e) in enumerate(zip(placeholders, example_inputs))
                   if i != token_index and _is_user_input(n, e)]
         self.state = SequenceState(result.buffers, device, self.options, token_index, others)

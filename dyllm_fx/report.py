@@ -45,6 +45,7 @@ class Report:
     attention: dict = field(default_factory=dict)  # site index -> form of its sparse step (`RewriteResult`)
     cache_bytes: int = 0
     packed_bytes: int = 0  # oneDNN copies of the gated linears' weights (`packed_weights`)
+    grouped_linears: int = 0  # packed linears computed with others that read the same rows, one GEMM per group
     fused_pairs: int = 0  # gated SwiGLU/GeGLU pairs computed by one sparse-row linear (`passes/gated_pairs.py`)
     batch: int = 0
     seq_len: int = 0
@@ -91,4 +92,7 @@ class Report:
         if self.packed_bytes:
             out.append(f"packed weights: {self.packed_bytes / 2**20:.2f} MiB, oneDNN copies of the gated linears' "
                        "fp32 weights (option packed_weights; False saves the memory, costs speed on CPU)")
+        if self.grouped_linears:
+            out.append(f"grouped linears: {self.grouped_linears} gated linears share their input rows with others "
+                       "(Q/K/V, gate/up) and run as one GEMM per group")
         return "\n\n".join(out)

@@ -1,25 +1,34 @@
-"""`packed_linear`: a CPU linear on a weight prepacked once for oneDNN (the compact path's GEMM below tau = 1).
+"""`packed_linear`: a CPU linear on weights prepacked once for oneDNN (the compact path's GEMM below tau = 1).
+
+`packed_linear(x, [w1, w2, ...], [b1, b2, ...])` is `cat([F.linear(x, w1, b1), F.linear(x, w2, b2), ...], -1)`:
+linears that read the same rows (a layer's Q, K and V projections, an MLP's gate and up) are one GEMM over
+their weights' concatenation (`passes/shared_input_linears.py`), packed once. A bias may be None.
 
 MKL's fp32 GEMM, which `F.linear` calls on CPU, repacks the weight on every call. At the few rows of a sparse
 step that repacking costs more than the arithmetic (a micro-benchmark on 2 cores: SmolLM2's 49152 x 576 LM head
 on 12 rows, 23 ms through `F.linear`, 9 ms through oneDNN on a prepacked weight, about the time to read it once).
+Each call also has a fixed cost (the op's dispatch and oneDNN's primitive, tens of microseconds), which the
+grouping pays once per group.
 
 oneDNN's GEMM on a packed weight is batch invariant: a row's result does not depend on how many other rows are in
 the call (tested), so unlike `compact_rows.rows_linear` no padding rows are needed. Its summation order differs
 from MKL's (results differ from `F.linear` by fp32 rounding), which is why tau = 1.0 keeps the MKL path: there
 the rewritten model reproduces the original bit for bit.
 
-The packed copies live in `_PACKED`, keyed weakly by the weight tensor (dropped with it) and re-packed when the
-weight's version counter moves (an in-place update). They cost as much memory as the weights they copy.
+The packed copies live in `_PACKED`, keyed weakly by the group's first weight (dropped with it) and re-made when
+a weight or bias of the group is another tensor or its version counter moved (an in-place update). They cost as
+much memory as the weights they copy.
 """
-from typing import Optional
+import weakref
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
-_PACKED = WeakTensorKeyDictionary()  # weight -> (weight._version, packed weight)
+# first weight -> (weakrefs to the group's weights and biases, their versions, packed weight, concatenated bias)
+_PACKED = WeakTensorKeyDictionary()
 PACK_ROWS_HINT = 16  # the row count oneDNN chooses its packed layout for
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
@@ -29,39 +38,58 @@ def available(dtype: torch.dtype, device) -> bool:
     return _ONEDNN and torch.device(device).type == "cpu" and dtype == torch.float32
 
 
-def packed_weight(weight: Tensor) -> Tensor:
-    """The oneDNN-packed copy of `weight`, made on first use and after every in-place update of `weight`."""
-    entry = _PACKED.get(weight)
-    if entry is None or entry[0] != weight._version:
-        entry = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT))
-        _PACKED[weight] = entry
-    return entry[1]
+def _concatenated_bias(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> Optional[Tensor]:
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([w.new_zeros(w.shape[0]) if b is None else b.detach() for w, b in zip(weights, biases)])
+
+
+def packed_weights(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> tuple[Tensor, Optional[Tensor]]:
+    """The oneDNN-packed copy of the concatenated `weights` and the concatenated `biases`, made on first use and
+    again after any of them is replaced or updated in place."""
+    parts = (*weights, *(b for b in biases if b is not None))
+    versions = tuple(t._version for t in parts)
+    entry = _PACKED.get(weights[0])
+    if entry is None or entry[1] != versions or len(entry[0]) != len(parts) or \
+            any(ref() is not t for ref, t in zip(entry[0], parts)):
+        w = weights[0].detach() if len(weights) == 1 else torch.cat([w.detach() for w in weights])
+        entry = (tuple(weakref.ref(t) for t in parts), versions,
+                 torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT), _concatenated_bias(weights, biases))
+        _PACKED[weights[0]] = entry
+    return entry[2], entry[3]
+
+
+def _plain(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> Tensor:
+    outs = [F.linear(x, w, b) for w, b in zip(weights, biases)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
 
 
 # Defined with `torch.library.define`/`impl` rather than `custom_op`: in a micro-benchmark `custom_op`'s per-call
 # Python wrapper cost ~90 us, more than the GEMM at a sparse step's few rows (~200 calls per step), this ~30 us.
-torch.library.define("dyllm::packed_linear", "(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+torch.library.define("dyllm::packed_linear", "(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor")
 
 
 @torch.library.impl("dyllm::packed_linear", "CPU")
-def _packed_linear_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    if not _ONEDNN or weight.dtype != torch.float32 or x.dtype != torch.float32:
-        return F.linear(x, weight, bias)
+def _packed_linear_cpu(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]]) -> Tensor:
+    if not _ONEDNN or x.dtype != torch.float32 or any(w.dtype != torch.float32 for w in weights):
+        return _plain(x, weights, biases)
     flat = x.reshape(-1, x.shape[-1])
+    n = sum(w.shape[0] for w in weights)
     if flat.shape[0] == 0:
-        return x.new_empty(*x.shape[:-1], weight.shape[0])
-    y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), packed_weight(weight), bias, "none", [], "")
-    return y.view(*x.shape[:-1], weight.shape[0])
+        return x.new_empty(*x.shape[:-1], n)
+    packed, bias = packed_weights(weights, biases)
+    y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), packed, bias, "none", [], "")
+    return y.view(*x.shape[:-1], n)
 
 
 @torch.library.impl("dyllm::packed_linear", "CompositeExplicitAutograd")
-def _packed_linear_other(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return F.linear(x, weight, bias)  # no packed GEMM off CPU
+def _packed_linear_other(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]]) -> Tensor:
+    return _plain(x, weights, biases)  # no packed GEMM off CPU
 
 
 @torch.library.register_fake("dyllm::packed_linear")
-def _(x, weight, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+def _(x, weights, biases):
+    return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in weights))
 
 
 packed_linear = torch.ops.dyllm.packed_linear.default

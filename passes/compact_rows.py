@@ -32,11 +32,21 @@ class CompactOps:
         self.graph, self.analysis = graph, analysis
         # a linear on compact rows: oneDNN on a prepacked weight, or MKL padded to exactness (`rows_linear`)
         self.linear = packed_linear if packed else rows_linear
+        self.taken: dict[tuple, fx.Node] = {}  # (full tensor, index, batch axis, token axis) -> its compact rows
 
     def take(self, x: fx.Node, axes: RowAxes, index: fx.Node, before: fx.Node) -> fx.Node:
-        """The compact rows of the full tensor `x` (axes `axes`), computed just before `before`."""
-        with self.graph.inserting_before(before):
-            return self.graph.call_function(take_rows, (x, index, axes.batch, axes.token))
+        """The compact rows of the full tensor `x` (axes `axes`), computed just before `before` the first time
+        they are asked for: linears reading the same rows read one gather (and `packed_linear` can group them)."""
+        key = (x, index, axes.batch, axes.token)
+        if key not in self.taken:
+            with self.graph.inserting_before(before):
+                self.taken[key] = self.graph.call_function(take_rows, key)
+        return self.taken[key]
+
+    def set_linear(self, node: fx.Node, x: fx.Node, w: fx.Node, b) -> None:
+        """Makes `node` the compact path's linear of `x` (compact) by `w`, `b`."""
+        args = (x, [w], [b]) if self.linear is packed_linear else (x, w, b)  # packed_linear takes lists
+        node.target, node.op, node.args, node.kwargs = self.linear, "call_function", args, {}
 
     def rewrite(self, node: fx.Node, compact: set, index: fx.Node, count: fx.Node) -> bool:
         """Makes `node` (row-wise, its varying inputs the compact nodes `compact`) run on compact tensors;
@@ -70,9 +80,8 @@ class CompactOps:
         for a, taken in operands.items():
             node.replace_input_with(a, taken)
         if name == "linear":
-            node.target, node.op = self.linear, "call_function"
             b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            node.args, node.kwargs = (node.args[0], node.args[1], b), {}
+            self.set_linear(node, node.args[0], node.args[1], b)
         return True
 
     def _operand(self, a: fx.Node, out: RowAxes, rank: int, index: fx.Node, node: fx.Node):

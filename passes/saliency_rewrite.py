@@ -157,7 +157,7 @@ class SaliencyRewrite:
         if self.compact:
             if x not in self.partial:
                 x = self.compact.take(x, axes, self._index(region, node)[0], node)
-            node.target, node.args, node.kwargs = self.compact.linear, (x, w, b), {}
+            self.compact.set_linear(node, x, w, b)
         else:
             node.target = ops.sparse_rows_linear.default
             node.args, node.kwargs = (x, w, b, self.rows[region], axes.batch, axes.token), {}

@@ -15,38 +15,61 @@ ops = torch.ops.dyllm
 needs_onednn = pytest.mark.skipif(not packed.available(torch.float32, "cpu"), reason="torch built without oneDNN")
 
 
+def plain(x, weights, biases):
+    return torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)
+
+
 @needs_onednn
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
-@given(k=st.integers(1, 80), n=st.integers(1, 70), total=st.integers(1, 64), bias=st.booleans(), seed=st.integers(0, 99))
-def test_a_row_gets_the_same_bits_whatever_rows_share_its_call(k, n, total, bias, seed):
+@given(k=st.integers(1, 80), widths=st.lists(st.integers(1, 70), min_size=1, max_size=3), total=st.integers(1, 64),
+       bias=st.lists(st.booleans(), min_size=3, max_size=3), seed=st.integers(0, 99))
+def test_a_row_gets_the_same_bits_whatever_rows_share_its_call(k, widths, total, bias, seed):
     g = torch.Generator().manual_seed(seed)
-    x, w = torch.randn(total, k, generator=g), torch.randn(n, k, generator=g)
-    b = torch.randn(n, generator=g) if bias else None
-    full = ops.packed_linear(x, w, b)
-    torch.testing.assert_close(full, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    x = torch.randn(total, k, generator=g)
+    weights = [torch.randn(n, k, generator=g) for n in widths]
+    biases = [torch.randn(n, generator=g) if has else None for n, has in zip(widths, bias)]
+    full = ops.packed_linear(x, weights, biases)
+    torch.testing.assert_close(full, plain(x, weights, biases), rtol=1e-5, atol=1e-5)
     for m in sorted({0, 1, 2, total // 2, total}):
         rows = torch.randperm(total, generator=g)[:m]
-        assert torch.equal(ops.packed_linear(x[rows], w, b), full[rows]), f"{m} of {total} rows"
+        assert torch.equal(ops.packed_linear(x[rows], weights, biases), full[rows]), f"{m} of {total} rows"
 
 
 @needs_onednn
 def test_keeps_the_leading_axes_and_repacks_after_an_in_place_update():
     x, w = torch.randn(2, 1, 5, 8), torch.randn(6, 8)
-    y = ops.packed_linear(x, w, None)
+    y = ops.packed_linear(x, [w], [None])
     assert y.shape == (2, 1, 5, 6)
     torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         w.mul_(-2.0)
-    torch.testing.assert_close(ops.packed_linear(x, w, None), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.packed_linear(x, [w], [None]), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_a_group_repacks_when_any_member_changes_or_is_replaced():
+    x, w1, w2, b2 = torch.randn(3, 8), torch.randn(4, 8), torch.randn(5, 8), torch.randn(5)
+    ops.packed_linear(x, [w1, w2], [None, b2])
+    with torch.no_grad():
+        b2.add_(1.0)  # in place: the version counter moves
+    torch.testing.assert_close(ops.packed_linear(x, [w1, w2], [None, b2]), plain(x, [w1, w2], [None, b2]),
+                               rtol=1e-5, atol=1e-5)
+    w3 = torch.randn(5, 8)  # another tensor in the second place, same first weight
+    torch.testing.assert_close(ops.packed_linear(x, [w1, w3], [None, b2]), plain(x, [w1, w3], [None, b2]),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.packed_linear(x, [w1], [None]), F.linear(x, w1), rtol=1e-5, atol=1e-5)
 
 
 def test_other_dtypes_are_the_plain_linear():
-    x, w, b = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(5, 8, dtype=torch.bfloat16), None
-    assert torch.equal(ops.packed_linear(x, w, b), F.linear(x, w, b))
+    x, w = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(5, 8, dtype=torch.bfloat16)
+    w2 = torch.randn(2, 8, dtype=torch.bfloat16)
+    assert torch.equal(ops.packed_linear(x, [w], [None]), F.linear(x, w))
+    assert torch.equal(ops.packed_linear(x, [w, w2], [None, None]), plain(x, [w, w2], [None, None]))
 
 
 def test_opcheck_packed_linear():
-    torch.library.opcheck(ops.packed_linear.default, (torch.randn(4, 8), torch.randn(6, 8), torch.randn(6)),
+    torch.library.opcheck(ops.packed_linear.default,
+                          (torch.randn(4, 8), [torch.randn(6, 8), torch.randn(3, 8)], [torch.randn(6), None]),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -61,9 +84,25 @@ def test_gated_linears_use_packed_weights_below_tau_one(tau, packed_weights, exp
     with torch.no_grad():
         compiled(torch.randint(0, 50, (2, 9)))
     (graph,) = graphs_of(model)
-    targets = [n.target for n in graph.rewritten.graph.nodes]
+    calls = [n for n in graph.rewritten.graph.nodes if n.target is expected]
+    linears = sum(len(n.args[1]) for n in calls) if expected is ops.packed_linear.default else len(calls)
     other = rows_linear if expected is ops.packed_linear.default else ops.packed_linear.default
-    assert targets.count(expected) == sum(l.region is not None for l in graph.linears) > 0 and other not in targets
+    assert linears == sum(l.region is not None for l in graph.linears) > 0
+    assert other not in [n.target for n in graph.rewritten.graph.nodes]
+
+
+def test_linears_reading_the_same_rows_are_one_call():
+    torch._dynamo.reset()
+    model = llada_like(hidden_size=16, num_layers=2, num_heads=2, head_dim=8, vocab_size=53)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, policy="full", lowering="eager"),
+                             dynamic=False)
+    with torch.no_grad():
+        compiled(torch.randint(0, 50, (2, 9)))
+    (graph,) = graphs_of(model)
+    widths = sorted(len(n.args[1]) for n in graph.rewritten.graph.nodes if n.target is ops.packed_linear.default)
+    # per layer: Q/K/V one call, the output projection, gate/up one call, down; then the LM head
+    assert widths == [1] * 5 + [2] * 2 + [3] * 2
+    assert graph.report.grouped_linears == 10 and "grouped linears: 10" in str(graph.report)
 
 
 def test_packed_weights_need_the_compact_path():
