@@ -64,3 +64,13 @@ def test_attention_step_times_both_forms_and_the_incremental_one_is_exact(capsys
     assert len(rows) == 1 and rows[0]["exact_ms"] > 0 and rows[0]["incremental_ms"] > 0
     assert rows[0]["error"] < 1e-5
     assert "| 8 | 25 % |" in capsys.readouterr().out
+
+
+def test_ab_steps_times_both_option_sets_on_alternating_steps(capsys):
+    result = _script("ab_steps").main(["--model", "llada_like", "--batch", "1", "--gen-length", "8", "--warmup", "2",
+                                       "--pairs", "3", "--a", "lowering=eager",
+                                       "--b", "lowering=eager", "packed_weights=False"])
+    assert result["A"]["options"] == {"tau": 0.99, "lowering": "eager"}
+    assert result["B"]["options"] == {"tau": 0.99, "lowering": "eager", "packed_weights": False}
+    assert result["A"]["median_ms"] > 0 and result["B"]["median_ms"] > 0
+    assert "B / A (medians):" in capsys.readouterr().out

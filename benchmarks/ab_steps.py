@@ -1,0 +1,95 @@
+"""Two sets of dyllm options on the same sparse steps, timed alternately in one process (an A/B comparison).
+
+    python benchmarks/ab_steps.py --b exact_attention_below=0 [--a KEY=VALUE ...] [--pairs 40] [--model smollm2_dream]
+
+On a shared machine one run of the benchmark varies by 10-20 % from the next, more than many changes are worth.
+Here two dyllm-compiled copies of the model (A: `--a` options, B: `--b` options; both start from tau=0.99 and the
+default policy) decode the benchmark's default batch left to right, one token per sequence per step, and their
+sparse steps alternate (A then B, then B then A, ...), so both see the same load. Prints the median and mean ms per
+sparse step of each and B / A. A first call and `--warmup` steps per copy (dense steps and compiles) are not timed.
+"""
+import argparse
+import ast
+import statistics
+import time
+
+import torch
+
+import dyllm_fx
+from dyllm_fx.bench import _prompts
+from dyllm_fx.generate import _attention_inputs
+from dyllm_fx.models import get_model
+
+
+def _options(items: list[str]) -> dict:
+    opts = {"tau": 0.99}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"{item!r}: write KEY=VALUE (a dyllm option)")
+        try:
+            opts[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            opts[key] = value
+    dyllm_fx.Options.from_dict(opts)  # a bad key or value: ValueError naming the valid ones
+    return opts
+
+
+def decoder(args, options: dict):
+    """A fresh model compiled with `options`, and `step()`: one forward call that commits the next token."""
+    model = get_model(args.model)
+    ids, mask, _ = _prompts(args, model)
+    mask4d, positions = _attention_inputs(model, ids, mask, args.gen_length)
+    x = torch.cat([ids, torch.full((ids.shape[0], args.gen_length), model.config.mask_token_id)], dim=1)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(**options), dynamic=False)
+    P, done = ids.shape[1], [0]
+
+    def step():
+        with torch.no_grad(), dyllm_fx.borrowed_outputs():
+            out = compiled(x, attention_mask=mask4d, position_ids=positions)
+        logits = out.logits if hasattr(out, "logits") else out
+        i = P + done[0] % args.gen_length  # left to right; wraps round (the model then sees changed tokens again)
+        x[:, i] = logits[:, i - 1].argmax(-1)
+        done[0] += 1
+
+    return step
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--a", nargs="*", default=[], metavar="KEY=VALUE", help="options of A (default: tau=0.99)")
+    p.add_argument("--b", nargs="*", default=[], metavar="KEY=VALUE", help="options of B")
+    p.add_argument("--model", default="smollm2_dream")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--gen-length", type=int, default=64)
+    p.add_argument("--prompts", default="gsm8k")
+    p.add_argument("--max-prompt-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=12, help="untimed steps per copy (dense warm-up, compile)")
+    p.add_argument("--pairs", type=int, default=40, help="timed sparse steps per copy")
+    args = p.parse_args(argv)
+    options = {"A": _options(args.a), "B": _options(args.b)}
+    steps = {name: decoder(args, opts) for name, opts in options.items()}
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    times = {"A": [], "B": []}
+    for i in range(args.pairs):
+        for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(1000 * (time.perf_counter() - start))
+    result = {name: dict(options=options[name], median_ms=statistics.median(t), mean_ms=statistics.mean(t))
+              for name, t in times.items()}
+    result["b_over_a"] = result["B"]["median_ms"] / result["A"]["median_ms"]
+    print(f"{args.model}, batch {args.batch}, {args.pairs} sparse steps each, alternating, "
+          f"{torch.get_num_threads()} threads")
+    for name in ("A", "B"):
+        r = result[name]
+        print(f"{name} {r['options']}: median {r['median_ms']:.1f} ms, mean {r['mean_ms']:.1f} ms per step")
+    print(f"B / A (medians): {result['b_over_a']:.3f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
