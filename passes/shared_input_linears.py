@@ -5,7 +5,8 @@ an MLP's gate and up projections. `packed_linear(x, [Wq], [bq])`, `packed_linear
 one `packed_linear(x, [Wq, Wk, ...], [bq, bk, ...])` and each former result a `narrow` of its output: one GEMM
 over the concatenated weights (packed once, as much memory as the separate copies) instead of one per weight.
 At a sparse step's few rows each call's fixed cost (dispatch, oneDNN's primitive) is a large part of its time.
-Weights and biases must be graph inputs (or attributes): the group is computed where its first member was.
+The group is computed where its first member was, so a weight or bias computed in the graph after that point
+keeps its group apart.
 """
 import torch
 from torch import fx
