@@ -9,50 +9,13 @@ sparse steps alternate (A then B, then B then A, ...), so both see the same load
 sparse step of each and B / A. A first call and `--warmup` steps per copy (dense steps and compiles) are not timed.
 """
 import argparse
-import ast
 import statistics
 import time
 
 import torch
 
 import dyllm_fx
-from dyllm_fx.bench import _prompts
-from dyllm_fx.generate import _attention_inputs
-from dyllm_fx.models import get_model
-
-
-def _options(items: list[str]) -> dict:
-    opts = {"tau": 0.99}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"{item!r}: write KEY=VALUE (a dyllm option)")
-        try:
-            opts[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            opts[key] = value
-    dyllm_fx.Options.from_dict(opts)  # a bad key or value: ValueError naming the valid ones
-    return opts
-
-
-def decoder(args, options: dict):
-    """A fresh model compiled with `options`, and `step()`: one forward call that commits the next token."""
-    model = get_model(args.model)
-    ids, mask, _ = _prompts(args, model)
-    mask4d, positions = _attention_inputs(model, ids, mask, args.gen_length)
-    x = torch.cat([ids, torch.full((ids.shape[0], args.gen_length), model.config.mask_token_id)], dim=1)
-    compiled = torch.compile(model, backend=dyllm_fx.backend(**options), dynamic=False)
-    P, done = ids.shape[1], [0]
-
-    def step():
-        with torch.no_grad(), dyllm_fx.borrowed_outputs():
-            out = compiled(x, attention_mask=mask4d, position_ids=positions)
-        logits = out.logits if hasattr(out, "logits") else out
-        i = P + done[0] % args.gen_length  # left to right; wraps round (the model then sees changed tokens again)
-        x[:, i] = logits[:, i - 1].argmax(-1)
-        done[0] += 1
-
-    return step
+from dyllm_fx.bench import left_to_right_steps, parse_options
 
 
 def main(argv=None) -> dict:
@@ -68,8 +31,11 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=12, help="untimed steps per copy (dense warm-up, compile)")
     p.add_argument("--pairs", type=int, default=40, help="timed sparse steps per copy")
     args = p.parse_args(argv)
-    options = {"A": _options(args.a), "B": _options(args.b)}
-    steps = {name: decoder(args, opts) for name, opts in options.items()}
+    try:
+        options = {name: {"tau": 0.99, **parse_options(items)} for name, items in (("A", args.a), ("B", args.b))}
+    except ValueError as bad:
+        p.error(str(bad))
+    steps = {name: left_to_right_steps(args, dyllm_fx.backend(**opts))[1] for name, opts in options.items()}
     for _ in range(args.warmup):
         for step in steps.values():
             step()

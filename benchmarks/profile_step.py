@@ -14,9 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import dyllm_fx
-from dyllm_fx.bench import _prompts
-from dyllm_fx.generate import _attention_inputs
-from dyllm_fx.models import get_model
+from dyllm_fx.bench import left_to_right_steps
 
 
 # (group, test on an op's name); an op goes to the first group whose test it passes. Self times partition the
@@ -67,31 +65,19 @@ def main():
 
         inductor_config.cpp.enable_kernel_profile = True
 
-    model = get_model(args.model)
-    ids, mask, _ = _prompts(args, model)
-    mask4d, positions = _attention_inputs(model, ids, mask, args.gen_length)
-    mask_id = model.config.mask_token_id
-    x = torch.cat([ids, torch.full((ids.shape[0], args.gen_length), mask_id)], dim=1)
-    compiled = torch.compile(model, backend=dyllm_fx.backend(
-        tau=args.tau, policy=args.policy, exact_attention_below=args.exact_attention_below), dynamic=False)
-    P = ids.shape[1]
-
-    def step(i):
-        with dyllm_fx.borrowed_outputs():  # as in generate: no copy of the logits cache
-            out = compiled(x, attention_mask=mask4d, position_ids=positions)
-        logits = out.logits if hasattr(out, "logits") else out
-        x[:, P + i] = logits[:, P + i - 1].argmax(-1)  # commit one token per sequence, left to right
+    model, step = left_to_right_steps(args, dyllm_fx.backend(
+        tau=args.tau, policy=args.policy, exact_attention_below=args.exact_attention_below))
 
     with torch.no_grad():
-        for i in range(args.steps):
-            step(i)
+        for _ in range(args.steps):
+            step()
         start = time.perf_counter()
-        for i in range(args.steps, args.steps + args.profiled):
-            step(i)
+        for _ in range(args.profiled):
+            step()
         wall_ms = 1000 * (time.perf_counter() - start) / args.profiled
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for i in range(args.steps + args.profiled, args.steps + 2 * args.profiled):
-                step(i)
+            for _ in range(args.profiled):
+                step()
     print(f"{args.model} policy={args.policy} tau={args.tau}, {args.profiled} sparse steps timed, as many profiled")
     events = prof.key_averages()
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))

@@ -20,8 +20,10 @@ from typing import Optional
 
 import torch
 
-from dyllm_fx.generate import REMASKING, check_decoding_arguments, generate, teacher_forced_agreement
+from dyllm_fx.generate import (REMASKING, _attention_inputs, check_decoding_arguments, generate,
+                               teacher_forced_agreement)
 from dyllm_fx.options import POLICIES, Options
+from dyllm_fx.outputs import borrowed_outputs
 from dyllm_fx.stats import stats
 
 MODES = ("eager", "inductor", "dyllm")
@@ -80,23 +82,31 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         parser.error(f"--tau values must lie in (0, 1], got {bad_tau}")
     if bad_policy := [p for p in args.policy if p not in POLICIES]:
         parser.error(f"--policy {bad_policy} unknown; valid: {', '.join(POLICIES)}")
-    args.dyllm_options = {}
-    for item in args.dyllm_option:
-        key, sep, value = item.partition("=")
-        if not sep or key in ("tau", "policy"):
-            parser.error(f"--dyllm-option {item!r}: write KEY=VALUE for an option other than tau and policy "
-                         "(those have their own flags)")
-        try:
-            args.dyllm_options[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            args.dyllm_options[key] = value
+    if bad := [item for item in args.dyllm_option if item.partition("=")[0] in ("tau", "policy")]:
+        parser.error(f"--dyllm-option {bad[0]!r}: tau and policy have their own flags")
     try:
-        Options.from_dict(args.dyllm_options)
+        args.dyllm_options = parse_options(args.dyllm_option)
     except ValueError as bad:
         parser.error(f"--dyllm-option: {bad}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device; use --device cpu")
     return args
+
+
+def parse_options(items: list[str]) -> dict:
+    """`KEY=VALUE` strings -> backend options (values read as Python literals where they parse as one, else kept
+    as strings); ValueError naming the fix for an item without `=` or an option `Options` refuses."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{item!r}: write KEY=VALUE")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    Options.from_dict(options)
+    return options
 
 
 def machine_info(device: str) -> dict:
@@ -172,6 +182,31 @@ def median_ms(fn, repeats: int, warmup: int = 1) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def left_to_right_steps(args, backend):
+    """For the step scripts of `benchmarks/`: a fresh `args.model` compiled with `backend` on `args`' prompts (the
+    benchmark's batch, `args.gen_length` masks after each prompt), and `step()`, one forward call that commits the
+    next position of every sequence with its argmax (left to right, one token per step; after `gen_length` steps it
+    starts again at the first generated position)."""
+    from dyllm_fx.models import get_model
+
+    model = get_model(args.model)
+    ids, mask, _ = _prompts(args, model)
+    mask4d, positions = _attention_inputs(model, ids, mask, args.gen_length)
+    x = torch.cat([ids, torch.full((ids.shape[0], args.gen_length), model.config.mask_token_id)], dim=1)
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    P, done = ids.shape[1], [0]
+
+    def step():
+        with torch.no_grad(), borrowed_outputs():  # as in generate: no copy of the logits cache
+            out = compiled(x, attention_mask=mask4d, position_ids=positions)
+        logits = out.logits if hasattr(out, "logits") else out
+        i = P + done[0] % args.gen_length
+        x[:, i] = logits[:, i - 1].argmax(-1)
+        done[0] += 1
+
+    return model, step
 
 
 def _timed_decode(model, input_ids, gen_kwargs, args) -> tuple[float, "object"]:
