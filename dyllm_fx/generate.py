@@ -112,12 +112,29 @@ def _predicting(logits, start: int, end: int, shift_logits: bool) -> torch.Tenso
     return logits[:, (torch.arange(start, end, device=logits.device) - 1).clamp(min=0)]
 
 
+def first_argmax(x: torch.Tensor, chunk: int = 512) -> torch.LongTensor:
+    """`x.argmax(-1)` (the first maximum; NaN counts as the maximum), found as the first chunk of `chunk` columns
+    holding the maximum (`amax` per chunk), then the argmax inside that chunk. On CPU `amax` is vectorized and
+    `argmax`/`max` with indices are not: over a [2, 64, 49152] slice of logits this is about 4x faster."""
+    V = x.shape[-1]
+    if V <= chunk:
+        return x.argmax(-1)
+    n = V // chunk * chunk
+    maxima = x[..., :n].unflatten(-1, (n // chunk, chunk)).amax(-1)
+    if n < V:
+        maxima = torch.cat([maxima, x[..., n:].amax(-1, keepdim=True)], -1)
+    start = maxima.argmax(-1) * chunk
+    # the last chunk may be short: its index repeats the last column, which cannot come before a first maximum
+    columns = (start[..., None] + torch.arange(chunk, device=x.device)).clamp(max=V - 1)
+    return start + x.gather(-1, columns).argmax(-1)
+
+
 def _argmax(logits, mask_id) -> torch.LongTensor:
     """argmax over the vocabulary without the mask token (a model may rank [MASK] first)."""
-    argmax = logits.max(-1).indices  # first maximum, like argmax, and several times faster on CPU
+    argmax = first_argmax(logits)
     is_mask = argmax == mask_id
     if is_mask.any():
-        argmax[is_mask] = logits[is_mask].index_fill(-1, torch.tensor([mask_id], device=logits.device), -math.inf).max(-1).indices
+        argmax[is_mask] = first_argmax(logits[is_mask].index_fill(-1, torch.tensor([mask_id], device=logits.device), -math.inf))
     return argmax
 
 
@@ -139,17 +156,22 @@ def _check_in_vocab(mask_id: int, vocab_size, source: str):
                          "pass the model's [MASK] token id")
 
 
-def _confidence(block_logits, x0, remasking) -> torch.Tensor:
-    """[B, n] confidence in [0, 1] of each position's prediction; higher = more confident."""
+def _confidence(block_logits, x0, candidates, mask_column, remasking) -> torch.Tensor:
+    """[B, n] confidence in [0, 1] of each candidate's prediction (higher = more confident; 0 elsewhere: `_select`
+    ignores other positions), over the vocabulary without the mask token. The softmax runs on the candidates' rows
+    only: on CPU it is the loop's largest cost outside the model, and a block's masks thin out as it decodes."""
     if remasking == "random":
         return torch.rand(x0.shape, device=x0.device)
-    probs = torch.softmax(block_logits.float(), dim=-1)
+    b, i = candidates.nonzero(as_tuple=True)
+    probs = torch.softmax(block_logits[b, i].float().index_fill_(-1, mask_column, -math.inf), dim=-1)  # [n, V]
     if remasking == "low_confidence":
-        return probs.gather(-1, x0[..., None]).squeeze(-1)
-    if remasking == "entropy":
-        return torch.exp(-torch.special.entr(probs).sum(-1))
-    top2 = probs.topk(2, dim=-1).values
-    return top2[..., 0] - top2[..., 1]
+        score = probs.gather(-1, x0[b, i][:, None]).squeeze(-1)
+    elif remasking == "entropy":
+        score = torch.exp(-torch.special.entr(probs).sum(-1))
+    else:
+        top2 = probs.topk(2, dim=-1).values
+        score = top2[:, 0] - top2[:, 1]
+    return torch.zeros(x0.shape, dtype=score.dtype, device=x0.device).index_put_((b, i), score)
 
 
 def _select(confidence, candidates, num_tokens: int, threshold: Optional[float]) -> torch.BoolTensor:
@@ -274,14 +296,14 @@ def generate(model, input_ids, *, gen_length: int, steps: int, block_length: int
                     _check_in_vocab(mask_id, logits.shape[-1], "the logits' last dimension")
                 forward_calls += 1
                 argmax = _argmax(_predicting(logits, P, L, shift_logits), mask_id)  # the generated part only
-                block_logits = _predicting(logits, start, end, shift_logits).clone()  # filled in place below
-                block_logits.index_fill_(-1, mask_column, -math.inf)
+                block_logits = _predicting(logits, start, end, shift_logits)
                 if temperature > 0:
                     uniform = torch.rand(block_logits.shape, dtype=torch.float64, device=device)
-                    x0 = (block_logits.double() - temperature * torch.log(-torch.log(uniform))).argmax(-1)
+                    noisy = block_logits.to(torch.float64, copy=True).index_fill_(-1, mask_column, -math.inf)
+                    x0 = (noisy - temperature * torch.log(-torch.log(uniform))).argmax(-1)
                 else:
                     x0 = argmax[:, start - P:end - P]
-                confidence = _confidence(block_logits, x0, remasking)
+                confidence = _confidence(block_logits, x0, candidates, mask_column, remasking)
                 num_tokens = schedule[step] if confidence_threshold is None else 1
                 select = _select(confidence, candidates, num_tokens, confidence_threshold)
                 committed = torch.zeros_like(x, dtype=torch.bool)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from dyllm_fx.generate import REMASKING, _predicting, generate, teacher_forced_agreement, transfer_schedule
+from dyllm_fx.generate import REMASKING, _predicting, first_argmax, generate, teacher_forced_agreement, transfer_schedule
 from dyllm_fx.models import dream_like, llada_like, tiny_dllm
 
 VOCAB = 41
@@ -314,3 +314,23 @@ def test_mask_id_resolution():
     out = generate(plain, torch.zeros(1, 2, dtype=torch.long), mask_id=7, **KW)
     assert (out.generated == 0).all()
     assert generate(small("llada_like"), prompt(2), **KW).records[0].inputs[0, 2:].eq(MASK).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(vocab=st.integers(1, 1400), rows=st.integers(0, 4), levels=st.integers(1, 6), specials=st.lists(
+    st.tuples(st.integers(0, 10_000), st.sampled_from([math.nan, math.inf, -math.inf])), max_size=3),
+    seed=st.integers(0, 2**16), chunk=st.sampled_from([1, 7, 64, 512]))
+def test_first_argmax_equals_argmax_ties_and_nan_included(vocab, rows, levels, specials, seed, chunk):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, levels, (rows, 3, vocab), generator=g).float()  # few levels: many ties
+    for position, value in specials:
+        if x.numel():
+            x.view(-1)[position % x.numel()] = value
+    assert torch.equal(first_argmax(x, chunk), x.argmax(-1))
+
+
+@pytest.mark.parametrize("vocab", [1000, 1024, 49152 + 5])
+def test_first_argmax_finds_a_maximum_in_the_last_column(vocab):
+    x = torch.zeros(2, vocab)
+    x[0, -1], x[1, -2] = 1.0, 1.0
+    assert first_argmax(x).tolist() == [vocab - 1, vocab - 2]
