@@ -200,8 +200,17 @@ def _finish_at_eos(generated, finished, eos_id: int, mask_id: int) -> torch.Bool
     return fill
 
 
+def _nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """`logits` with -inf outside each row's nucleus: the most probable tokens under softmax(logits / temperature)
+    whose mass before them is at most top_p (Dream's top-p rule: the most probable token always stays)."""
+    probs, order = torch.softmax(logits / temperature, dim=-1).sort(dim=-1, descending=True)
+    outside = (probs.cumsum(-1) - probs) > top_p
+    return logits.masked_fill(outside.scatter(-1, order, outside), -math.inf)
+
+
 def check_decoding_arguments(gen_length: int, steps: int, block_length: int, *, temperature: float = 0.0,
-                             remasking: str = "low_confidence", confidence_threshold: Optional[float] = None) -> int:
+                             remasking: str = "low_confidence", confidence_threshold: Optional[float] = None,
+                             top_p: Optional[float] = None) -> int:
     """Raises ValueError naming the fix for arguments `generate` cannot run; returns the number of blocks."""
     if gen_length < 1 or block_length < 1:
         raise ValueError(f"gen_length ({gen_length}) and block_length ({block_length}) must be >= 1")
@@ -222,26 +231,31 @@ def check_decoding_arguments(gen_length: int, steps: int, block_length: int, *, 
                          "(Fast-dLLM uses 0.9)")
     if temperature < 0:
         raise ValueError(f"temperature ({temperature}) must be >= 0 (0 = greedy)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p ({top_p}) must be in (0, 1] or None (Dream uses 0.95)")
     return num_blocks
 
 
 @torch.no_grad()
 def generate(model, input_ids, *, gen_length: int, steps: int, block_length: int, mask_id: Optional[int] = None,
-             temperature: float = 0.0, remasking: str = "low_confidence", confidence_threshold: Optional[float] = None,
-             shift_logits: bool = False, attention_mask: Optional[torch.Tensor] = None, eos_id: Optional[int] = None,
+             temperature: float = 0.0, top_p: Optional[float] = None, remasking: str = "low_confidence",
+             confidence_threshold: Optional[float] = None, shift_logits: bool = False, attention_mask: Optional[torch.Tensor] = None, eos_id: Optional[int] = None,
              progress: bool = False) -> GenerateOutput:
     """Decode gen_length tokens after the prompt by iterative unmasking.
 
     x = prompt + gen_length [MASK]s, decoded in gen_length / block_length blocks left to right, with
     steps / num_blocks steps per block. Each step runs the model once on the whole x, predicts x0 at
     every position (argmax; with temperature > 0 Gumbel-max sampling in float64 from the global torch
-    RNG), scores the masked positions of the current block and commits the best ones per sequence:
+    RNG, from the nucleus of probability mass top_p when it is given, as in Dream's sampler; top_p has no
+    effect on greedy decoding), scores the masked positions of the current block and commits the best ones per
+    sequence:
     LLaDA's schedule (block_length / steps_per_block per step, remainder on the first steps).
 
     The mask token itself is never predicted: it is left out of the argmax and of the softmax.
     remasking (the confidence score, higher = more confident): "low_confidence" = probability of x0,
     "random" = uniform in [0, 1), "entropy" = exp(-entropy of the softmax) (ranks like negative entropy,
-    lies in (0, 1]), "margin" = top-1 minus top-2 probability.
+    lies in (0, 1]), "margin" = top-1 minus top-2 probability; all of the model's softmax, without temperature
+    or nucleus (LLaDA's rule; Dream scores with its tempered, filtered probabilities).
     confidence_threshold (Fast-dLLM): each step commits every candidate whose score is >= the threshold
     and at least the best one; a block ends when it has no mask left, so a decode takes between
     num_blocks and gen_length forward calls and `steps` is not used beyond validation.
@@ -262,7 +276,7 @@ def generate(model, input_ids, *, gen_length: int, steps: int, block_length: int
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError("input_ids must be an integer tensor [B, P]")
     num_blocks = check_decoding_arguments(gen_length, steps, block_length, temperature=temperature,
-                                          remasking=remasking, confidence_threshold=confidence_threshold)
+                                          remasking=remasking, confidence_threshold=confidence_threshold, top_p=top_p)
     mask_id = _resolve_mask_id(model, mask_id)
     if eos_id is not None and eos_id == mask_id:
         raise ValueError(f"eos_id equals mask_id ({mask_id}): pass the model's end-of-sequence token id")
@@ -300,6 +314,8 @@ def generate(model, input_ids, *, gen_length: int, steps: int, block_length: int
                 if temperature > 0:
                     uniform = torch.rand(block_logits.shape, dtype=torch.float64, device=device)
                     noisy = block_logits.to(torch.float64, copy=True).index_fill_(-1, mask_column, -math.inf)
+                    if top_p is not None and top_p < 1:
+                        noisy = _nucleus(noisy, temperature, top_p)
                     x0 = (noisy - temperature * torch.log(-torch.log(uniform))).argmax(-1)
                 else:
                     x0 = argmax[:, start - P:end - P]

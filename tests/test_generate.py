@@ -146,6 +146,26 @@ def test_small_temperature_is_greedy():
     assert torch.equal(greedy.tokens, cold.tokens)
 
 
+@pytest.mark.parametrize("top_p, tokens", [(1e-9, {0}), (0.5, {0}), (0.8, {0, 1}), (1.0, {0, 1, 2})])
+def test_top_p_samples_from_the_nucleus(top_p, tokens):
+    model = FixedLogits(probs_table([[0.6, 0.3, 0.1]] * 33))
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    torch.manual_seed(0)
+    kw = dict(gen_length=32, steps=32, block_length=32, temperature=1.0, remasking="random")  # commit order blind
+    out = generate(model, ids, top_p=top_p, **kw)
+    assert set(out.generated.unique().tolist()) == tokens
+    if top_p == 1.0:  # no filtering: the same draws as without top_p
+        torch.manual_seed(0)
+        plain = generate(model, ids, **kw)
+        assert torch.equal(out.tokens, plain.tokens)
+
+
+def test_top_p_leaves_greedy_decoding_alone():
+    model, ids = small("llada_like"), prompt(4)
+    kw = dict(gen_length=8, steps=8, block_length=4)
+    assert torch.equal(generate(model, ids, **kw).tokens, generate(model, ids, top_p=0.1, **kw).tokens)
+
+
 def test_confidence_threshold_commits_in_parallel():
     # Prompt column 0, then block 1 = gen positions 0-3, block 2 = gen positions 4-7.
     confidences = [0.9, 0.95, 0.5, 0.97, 0.3, 0.99, 0.99, 0.99, 0.99]
@@ -296,6 +316,8 @@ KW = dict(gen_length=8, steps=8, block_length=4)
     (dict(confidence_threshold=0.0), r"\(0, 1\]"),
     (dict(confidence_threshold=1.5), r"\(0, 1\]"),
     (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), r"top_p \(0.0\) must be in \(0, 1\]"),
+    (dict(top_p=1.5), "Dream uses 0.95"),
     (dict(mask_id=VOCAB), "outside the vocabulary"),
     (dict(attention_mask=torch.ones(1, 2, dtype=torch.long)), "attention_mask has shape"),
     (dict(eos_id=MASK), "eos_id equals mask_id"),
