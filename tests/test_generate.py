@@ -11,6 +11,7 @@ from torch import nn
 
 from dyllm_fx.generate import REMASKING, _predicting, first_argmax, generate, teacher_forced_agreement, transfer_schedule
 from dyllm_fx.models import dream_like, llada_like, tiny_dllm
+from trajectories import left_padded
 
 VOCAB = 41
 MASK = VOCAB - 1
@@ -214,15 +215,6 @@ def test_logits_objects_and_plain_tensors_decode_alike():
     ids = torch.zeros(2, 4, dtype=torch.long)
     kw = dict(gen_length=8, steps=4, block_length=4)
     assert torch.equal(generate(FixedLogits(table), ids, **kw).tokens, generate(FixedLogits(table, wrap=True), ids, **kw).tokens)
-
-
-def left_padded(prompts):
-    length = max(p.shape[1] for p in prompts)
-    ids = torch.zeros(len(prompts), length, dtype=torch.long)
-    mask = torch.zeros(len(prompts), length, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, length - p.shape[1]:], mask[i, length - p.shape[1]:] = p[0], 1
-    return ids, mask
 
 
 @pytest.mark.parametrize("name, shift", [("llada_like", False), ("dream_like", True), ("tiny_dllm", False)])

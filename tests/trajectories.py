@@ -11,6 +11,16 @@ import torch
 from hypothesis import strategies as st
 
 
+def left_padded(prompts):
+    """Prompts `[1, n]` of different lengths as one left-padded batch: `(ids, attention_mask)`, both `[B, max n]`."""
+    length = max(p.shape[1] for p in prompts)
+    ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, length - p.shape[1]:], mask[i, length - p.shape[1]:] = p[0], 1
+    return ids, mask
+
+
 def logits_of(out):
     return out.logits if hasattr(out, "logits") else out
 
