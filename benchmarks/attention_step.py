@@ -52,18 +52,18 @@ def main(argv=None) -> list[dict]:
             q, k, v, kv_rows, k_prev, v_prev, ctx, lse, scale = layer_inputs(B, H, Hk, L, D, changed,
                                                                               torch.Generator().manual_seed(L))
             query, always = torch.ones(B, L, dtype=torch.bool), torch.zeros(B, L, dtype=torch.bool)
-            dense, stats = torch.tensor(False), torch.zeros(1, 4, dtype=torch.long)
+            dense, stats = torch.tensor(False), torch.zeros(4, dtype=torch.long)
             # the first call changes the caches: from then on K/V equal their previous step, as in a steady step
             out, _ = incremental(q, k, v, None, kv_rows, query, always, dense, k_prev.clone(), v_prev.clone(),
-                                 ctx.clone(), lse.clone(), stats, 0, scale, 0.99)
+                                 ctx.clone(), lse.clone(), stats, scale, 0.99)
             sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=Hk != H)
             row = dict(length=L, changed=changed, error=(out - sdpa).abs().max().item())
             row["incremental_ms"] = median_ms(lambda: incremental(
-                q, k, v, None, kv_rows, query, always, dense, k_prev, v_prev, ctx, lse, stats, 0, scale, 0.99),
+                q, k, v, None, kv_rows, query, always, dense, k_prev, v_prev, ctx, lse, stats, scale, 0.99),
                 args.repeats, warmup=3)
             ctx_exact = ctx.clone()
             row["exact_ms"] = median_ms(
-                lambda: exact(q, k, v, None, query, always, ctx_exact, stats, 0, scale, 0.99), args.repeats, warmup=3)
+                lambda: exact(q, k, v, None, query, always, ctx_exact, stats, scale, 0.99), args.repeats, warmup=3)
             results.append(row)
     print(f"batch {B}, {H} heads over {Hk} KV heads of {D}, {torch.get_num_threads()} threads")
     print("| length | changed rows | every row exact (SDPA) ms | incremental ms | incremental / exact | max abs diff |")

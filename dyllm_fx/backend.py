@@ -14,6 +14,7 @@ import torch
 from torch import fx, nn
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from dyllm_fx.lowering import SegmentedGraph
 from dyllm_fx.options import Options
 from dyllm_fx.outputs import owned
 from dyllm_fx.passes.attention import find_attention
@@ -164,16 +165,21 @@ class CompiledGraph:
         self.compiled = self._build(gm, list(example_inputs))
         LIVE_GRAPHS.add(self)
 
-    def _lower(self, gm, example_inputs):
+    def _lower(self, gm, example_inputs, steps=()):
+        """`gm` compiled (or as is with `lowering="eager"`); with the attention `steps` of a rewritten graph and
+        `split_layers`, compiled per distinct segment (`lowering.py`)."""
         if self.options.lowering == "eager":
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
 
-        if self.compact:
-            _allow_data_dependent_sizes(example_inputs)
         patches = dict(torch._inductor.list_mode_options(self.mode)) if self.mode else {}
         patches["post_grad_custom_post_pass"] = SourceKey()
         patches.update(_cacheable(gm))
+        if steps and self.options.split_layers:
+            self.report.segmented = SegmentedGraph(gm, list(steps), patches, example_inputs)
+            return self.report.segmented
+        if self.compact:
+            _allow_data_dependent_sizes(example_inputs)
         return compile_fx(gm, example_inputs, config_patches=patches)
 
     def _fallback(self, gm, example_inputs, why: str, warn: bool = True):
@@ -239,7 +245,7 @@ class CompiledGraph:
         self.state = SequenceState(result.buffers, device, self.options, token_index, others)
         self.report.cache_bytes = self.state.cache_bytes
         self.rewritten = rewritten
-        return self._lower(rewritten, example_inputs + _static_fakes(self.state.tensors))
+        return self._lower(rewritten, example_inputs + _static_fakes(self.state.tensors), result.steps)
 
     def __call__(self, *args):
         if self.state is None:

@@ -28,7 +28,10 @@ class Options:
     `packed_weights`: on the compact path, gated linears run oneDNN on a prepacked copy of their weight
     (`kernels/packed_linear.py`): faster at a sparse step's few rows on CPU (README), one more copy of
     those weights in memory, results off `F.linear`'s by fp32 rounding; None: on below tau = 1.0 (at 1.0 the
-    rewritten model reproduces the original bit for bit on CPU)."""
+    rewritten model reproduces the original bit for bit on CPU).
+    `split_layers`: with Inductor, compile the rewritten graph in segments cut at the attentions, each distinct
+    segment once (`dyllm_fx/lowering.py`: identical layers share one compile, so a first compile is several times
+    shorter); False compiles it whole."""
 
     tau: float = 0.99
     dense_steps: int = 4
@@ -39,6 +42,7 @@ class Options:
     exact_attention_below: Optional[int] = None
     compact_rows: Optional[bool] = None
     packed_weights: Optional[bool] = None
+    split_layers: bool = True
 
     def __post_init__(self):
         def bad(key, why):
@@ -65,6 +69,8 @@ class Options:
         if self.packed_weights and self.compact_rows is False:
             bad("packed_weights", "needs the compact path (packed weights serve its gated linears); drop "
                 "compact_rows=False or packed_weights=True")
+        if not isinstance(self.split_layers, bool):
+            bad("split_layers", "must be True or False")
         if isinstance(self.prompt_period, bool) or not isinstance(self.prompt_period, int) or self.prompt_period < 1:
             bad("prompt_period", "must be an int >= 1")
 

@@ -49,6 +49,7 @@ class Report:
     fused_pairs: int = 0  # gated SwiGLU/GeGLU pairs computed by one sparse-row linear (`passes/gated_pairs.py`)
     batch: int = 0
     seq_len: int = 0
+    segmented: object = None  # the `lowering.SegmentedGraph` the graph runs as (option split_layers)
 
     @property
     def gated(self) -> list:
@@ -95,4 +96,7 @@ class Report:
         if self.grouped_linears:
             out.append(f"grouped linears: {self.grouped_linears} gated linears share their input rows with others "
                        "(Q/K/V, gate/up) and run as one GEMM per group")
+        if self.segmented is not None and self.segmented.segments:
+            out.append(f"lowering: {self.segmented.segments} segments cut at the attentions, {self.segmented.compiles} "
+                       "Inductor compiles (layers with the same segment graph share one)")
         return "\n\n".join(out)

@@ -31,7 +31,8 @@ Saliency: a query row is salient when `cos(new context, cached context) < tau` o
 changed at the model's input: their whole residual stream moved) are salient whatever their cosine. On a dense step (`dense` set) every row is
 computed exactly and every row is salient (caches are refilled).
 
-`stats[layer]` receives `[salient rows, exact rows, incremental rows, query rows]` of this call.
+`stats` (this attention's row of the stats buffer, `[4]`) receives `[salient rows, exact rows, incremental rows,
+query rows]` of this call.
 
 Lowering: a `triton_op` (see `sparse_rows_linear.py`): on CUDA, beyond `exact_below`, Inductor sees the step's
 Triton kernels (`delta_attention_triton.py`) and the torch ops between them; otherwise the opaque reference op
@@ -114,7 +115,7 @@ def _output(ctx: Tensor, dtype: torch.dtype, copy: bool) -> Tensor:
 
 
 def _exact_all(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache, ctx_cache,
-               stats, layer, scale, tau, k_memory, v_memory, softcap):
+               stats, scale, tau, k_memory, v_memory, softcap):
     """Every query row exact (one SDPA call over the updated K/V cache)."""
     B, H, L, D = q.shape
     if bool(dense) or kv_rows is None:
@@ -146,20 +147,20 @@ def _exact_all(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_ca
     if bool(dense):
         salient = torch.ones(B, L, dtype=torch.bool, device=q.device)
         ctx_cache.copy_(ctx)
-        stats[layer] = torch.tensor([B * L, B * L, 0, B * L])
+        stats.copy_(torch.tensor([B * L, B * L, 0, B * L]))
     else:
-        ctx, salient = update_context(ctx, ctx_cache, query_rows, always_rows, stats, layer, tau)
+        ctx, salient = update_context(ctx, ctx_cache, query_rows, always_rows, stats, tau)
     return _output(ctx, q.dtype, copy=False), salient
 
 
 def delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache,
-                              ctx_cache, lse_cache, stats, layer, scale, tau, exact_below, k_memory=None,
+                              ctx_cache, lse_cache, stats, scale, tau, exact_below, k_memory=None,
                               v_memory=None, softcap=0.0):
     B, H, L, D = q.shape
     P = 0 if k_memory is None else k_memory.shape[2]
     if P + L <= exact_below:
         return _exact_all(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache,
-                          ctx_cache, stats, layer, scale, tau, k_memory, v_memory, softcap)
+                          ctx_cache, stats, scale, tau, k_memory, v_memory, softcap)
     Hk = k.shape[1]
     g = H // Hk
     mask = _additive(attn_mask, B, L, P + L)
@@ -222,8 +223,8 @@ def delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_ro
     else:
         salient = saliency_reference(ctx_cache, old_ctx, query_rows, always_rows, tau)
         lse_cache.masked_fill_(~query_rows[:, None, :], math.inf)
-    stats[layer] = torch.stack([salient.sum(), exact.sum(), incremental.sum(),
-                                query_rows.sum() if not is_dense else torch.tensor(B * L)]).to(stats.device)
+    stats.copy_(torch.stack([salient.sum(), exact.sum(), incremental.sum(),
+                             query_rows.sum() if not is_dense else torch.tensor(B * L)]))
     return _output(ctx_cache, q.dtype, copy=True), salient
 
 
@@ -233,17 +234,17 @@ def delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_ro
 def _reference_op(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], kv_rows: Optional[Tensor],
     query_rows: Tensor, always_rows: Tensor, dense: Tensor, k_cache: Tensor, v_cache: Tensor, ctx_cache: Tensor,
-    lse_cache: Tensor, stats: Tensor, layer: int, scale: float, tau: float, exact_below: int,
+    lse_cache: Tensor, stats: Tensor, scale: float, tau: float, exact_below: int,
     k_memory: Optional[Tensor] = None, v_memory: Optional[Tensor] = None, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     return delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache,
-                                     ctx_cache, lse_cache, stats, layer, scale, tau, exact_below, k_memory, v_memory,
+                                     ctx_cache, lse_cache, stats, scale, tau, exact_below, k_memory, v_memory,
                                      softcap)
 
 
 @_reference_op.register_fake
 def _(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_cache, ctx_cache, lse_cache, stats,
-      layer, scale, tau, exact_below, k_memory=None, v_memory=None, softcap=0.0):
+      scale, tau, exact_below, k_memory=None, v_memory=None, softcap=0.0):
     B, H, L, D = q.shape
     return q.new_empty(B, L, H, D).transpose(1, 2), q.new_empty(B, L, dtype=torch.bool)
 
@@ -252,16 +253,16 @@ def _(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache, v_ca
 def delta_attention(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], kv_rows: Optional[Tensor],
     query_rows: Tensor, always_rows: Tensor, dense: Tensor, k_cache: Tensor, v_cache: Tensor, ctx_cache: Tensor,
-    lse_cache: Tensor, stats: Tensor, layer: int, scale: float, tau: float, exact_below: int,
+    lse_cache: Tensor, stats: Tensor, scale: float, tau: float, exact_below: int,
     k_memory: Optional[Tensor] = None, v_memory: Optional[Tensor] = None, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     if use_triton(q) and q.shape[2] > exact_below:
         from .delta_attention_triton import delta_attention_triton
 
         ctx, salient = delta_attention_triton(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_cache,
-                                              v_cache, ctx_cache, lse_cache, stats, layer, scale, tau, k_memory,
+                                              v_cache, ctx_cache, lse_cache, stats, scale, tau, k_memory,
                                               v_memory, softcap)
         return _output(ctx, q.dtype, copy=True), salient
     return torch.ops.dyllm.delta_attention_reference(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense,
-                                                     k_cache, v_cache, ctx_cache, lse_cache, stats, layer, scale,
+                                                     k_cache, v_cache, ctx_cache, lse_cache, stats, scale,
                                                      tau, exact_below, k_memory, v_memory, softcap)

@@ -17,7 +17,8 @@ On a dense step every row is exact and no column is updated incrementally.
 Query heads are grouped by KV head (`[B, Hk, g * rows, D]`), so GQA/MQA attend without repeating K/V.
 `k`, `v` are the complete K/V (the cache points, fresh on `kv_rows`); `k_prev`, `v_prev` hold the K/V of the
 previous step (the old terms), refreshed here. Returns the context in `q`'s dtype with SDPA's `[B, L, H, D]`
-memory layout, and the salient rows `[B, L]`; `stats[layer]` receives `[salient, exact, incremental, query]`.
+memory layout, and the salient rows `[B, L]`; `stats` (this attention's row of the stats buffer) receives
+`[salient, exact, incremental, query]`.
 """
 import math
 from typing import Optional
@@ -63,8 +64,8 @@ def attend_math(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: 
 
 def incremental_attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], kv_rows: Tensor,
                                query_rows: Tensor, always_rows: Tensor, dense: Tensor, k_prev: Tensor,
-                               v_prev: Tensor, ctx_cache: Tensor, lse_cache: Tensor, stats: Tensor, layer: int,
-                               scale: float, tau: float) -> tuple[Tensor, Tensor]:
+                               v_prev: Tensor, ctx_cache: Tensor, lse_cache: Tensor, stats: Tensor, scale: float,
+                               tau: float) -> tuple[Tensor, Tensor]:
     B, H, L, D = q.shape
     Hk, g = k.shape[1], H // k.shape[1]
     qf, kf, vf = q.to(torch.float32), k.to(torch.float32), v.to(torch.float32)
@@ -114,5 +115,5 @@ def incremental_attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optio
     lse_cache.copy_(new_lse)
     k_prev.copy_(k)
     v_prev.copy_(v)
-    stats[layer].copy_(torch.stack([salient.sum(), exact.sum(), incremental.sum(), query_rows.sum()]))
+    stats.copy_(torch.stack([salient.sum(), exact.sum(), incremental.sum(), query_rows.sum()]))
     return new_ctx.to(q.dtype).transpose(1, 2).contiguous().transpose(1, 2), salient

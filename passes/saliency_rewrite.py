@@ -53,6 +53,7 @@ class RewriteResult:
     buffers: list[BufferSpec] = field(default_factory=list)
     cache_points: list[tuple[str, str]] = field(default_factory=list)  # (node name, region)
     attention: dict[int, str] = field(default_factory=dict)  # site index -> how its sparse step is computed
+    steps: list[fx.Node] = field(default_factory=list)  # the attention steps' calls, in graph order
 
 
 class SaliencyRewrite:
@@ -73,6 +74,7 @@ class SaliencyRewrite:
         self.index: dict[int, tuple[fx.Node, fx.Node]] = {}  # region -> (row index, its length)
         # plain functions that write caches in place (`put_rows`, the attention step): DCE must keep them
         self.writes: set[fx.Node] = set()
+        self.stats_rows: list[fx.Node] = []
 
     # -- graph inputs the runtime owns -------------------------------------------------------------
     def _input(self, name, shape, dtype, role, device, order=None) -> fx.Node:
@@ -112,6 +114,16 @@ class SaliencyRewrite:
             self.index[region] = index, count
         return self.index[region]
 
+    def _stats_row(self, site_index: int) -> fx.Node:
+        """`stats[site_index]`, the row an attention step writes. `run` moves these views next to the graph inputs,
+        so that a layer's segment of the graph takes its row as an input instead of a layer-specific constant
+        (identical layers compile once, `dyllm_fx/lowering.py`)."""
+        row = self.graph.call_function(torch.select, (self.stats, 0, site_index))
+        with self.fake_mode:
+            row.meta["example_value"] = tensor_meta(self.stats)[site_index]
+        self.stats_rows.append(row)
+        return row
+
     def _use_cache(self, consumer: fx.Node, node: fx.Node) -> None:
         consumer.replace_input_with(node, self._cache_point(node))
 
@@ -142,6 +154,8 @@ class SaliencyRewrite:
                         self._use_cache(node, a)
             else:
                 self._propagate(node)
+        for row in reversed(self.stats_rows):
+            self._last_placeholder.append(row)
         self.graph.eliminate_dead_code(is_impure_node=lambda n: n in unread or n in self.writes or n.is_impure())
         self.graph.lint()
         self.gm.recompile()
@@ -195,7 +209,7 @@ class SaliencyRewrite:
         self.result.attention[i] = DELTA_OP
         self._replace_attention(site, ops.delta_attention.default, (
             q, k, v, mask, kv_rows, self.query_rows, self.rows[-1], self.dense, *self._attention_caches(site),
-            self.stats, i, site.scale, self.tau, self.exact_below, site.k_memory, site.v_memory,
+            self._stats_row(i), site.scale, self.tau, self.exact_below, site.k_memory, site.v_memory,
             site.softcap or 0.0))
 
     def _attention_caches(self, site: AttentionSite) -> list[fx.Node]:
@@ -216,7 +230,7 @@ class SaliencyRewrite:
         self.result.attention[i] = EVERY_ROW_EXACT
         context = self._input(f"context_{i}", tuple(qe.shape), torch.float32, "context", qe.device, HEADS_INNER)
         step = self._replace_attention(site, exact_attention_step, (
-            q, k, v, mask, self.query_rows, self.rows[-1], context, self.stats, i, site.scale, self.tau))
+            q, k, v, mask, self.query_rows, self.rows[-1], context, self._stats_row(i), site.scale, self.tau))
         self.writes.add(step)
 
     def _incremental_attention(self, site: AttentionSite, q, k, v, mask, kv_rows) -> None:
@@ -225,7 +239,7 @@ class SaliencyRewrite:
         self.result.attention[site.index] = INCREMENTAL
         step = self._replace_attention(site, incremental_attention_step, (
             q, k, v, mask, kv_rows, self.query_rows, self.rows[-1], self.dense, *self._attention_caches(site),
-            self.stats, site.index, site.scale, self.tau))
+            self._stats_row(site.index), site.scale, self.tau))
         self.writes.add(step)
 
     def _replace_attention(self, site: AttentionSite, target, args: tuple) -> fx.Node:
@@ -235,6 +249,7 @@ class SaliencyRewrite:
             step = self.graph.call_function(target, args)
             out = self.graph.call_function(operator.getitem, (step, 0))
             rows = self.graph.call_function(operator.getitem, (step, 1))
+        self.result.steps.append(step)
         out.meta["example_value"] = tensor_meta(site.output)
         site.output.replace_all_uses_with(out)
         self.rows[site.index] = rows

@@ -69,7 +69,9 @@ def test_compiling_the_same_graph_again_reuses_aotautograd_cache():
         with torch.no_grad():
             for ids in steps:
                 compiled(ids)
-    assert counters["aot_autograd"]["autograd_cache_hit"] == 1, dict(counters["aot_autograd"])
+    # every compile of the second run (one per distinct layer segment) comes from the cache
+    aot = dict(counters["aot_autograd"])
+    assert aot["autograd_cache_hit"] == aot["total"] >= 1, aot
     (g,) = dyllm_fx.stats(model)
     assert g.sparse_steps >= 1
 

@@ -121,16 +121,16 @@ def test_exact_attention_step_matches_the_delta_attention_op(mask_kind):
         mask[..., 0] = True  # no fully masked row
     everyone, nobody = torch.ones(B, L, dtype=torch.bool), torch.zeros(B, L, dtype=torch.bool)
     op_state = [torch.zeros(B, Hk, L, D), torch.zeros(B, Hk, L, D), torch.zeros(B, H, L, D), torch.zeros(B, H, L),
-                torch.zeros(1, 4, dtype=torch.int64)]
-    ctx_cache, stats = torch.zeros(B, H, L, D), torch.zeros(1, 4, dtype=torch.int64)
+                torch.zeros(4, dtype=torch.int64)]
+    ctx_cache, stats = torch.zeros(B, H, L, D), torch.zeros(4, dtype=torch.int64)
     changed = nobody.clone()
     changed[0, 2] = changed[1, 5] = True
     query = everyone.clone()
     query[1, :3] = False
     k2 = torch.where(changed[:, None, :, None], torch.randn(B, Hk, L, D, generator=g), k)
     for (kk, rows, qr, always, dense) in [(k, None, everyone, everyone, True), (k2, changed, query, changed, False)]:
-        ref, ref_salient = ops.delta_attention(q, kk, v, mask, rows, qr, always, torch.tensor(dense), *op_state, 0,
+        ref, ref_salient = ops.delta_attention(q, kk, v, mask, rows, qr, always, torch.tensor(dense), *op_state,
                                                0.3, 0.99, 1024)
-        out, salient = exact_attention_step(q, kk, v, mask, qr, always, ctx_cache, stats, 0, 0.3, 0.99)
+        out, salient = exact_attention_step(q, kk, v, mask, qr, always, ctx_cache, stats, 0.3, 0.99)
         assert torch.allclose(out, ref, atol=1e-6) and torch.equal(salient, ref_salient)
         assert torch.allclose(ctx_cache, op_state[2], atol=1e-6) and torch.equal(stats, op_state[-1])

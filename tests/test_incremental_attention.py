@@ -19,18 +19,18 @@ class Layer:
     def __init__(self, B, H, Hk, L, D, scale, tau=1.0):
         z = torch.zeros
         self.caches = [z(B, Hk, L, D), z(B, Hk, L, D), z(B, H, L, D), z(B, H, L)]
-        self.stats = z(1, 4, dtype=torch.long)
+        self.stats = z(4, dtype=torch.long)
         self.scale, self.tau, self.B, self.L = scale, tau, B, L
 
     def __call__(self, q, k, v, mask, kv_rows, query=None, always=None, dense=False, step=incremental_attention_step):
         query = torch.ones(self.B, self.L, dtype=torch.bool) if query is None else query
         always = torch.zeros(self.B, self.L, dtype=torch.bool) if always is None else always
-        return step(q, k, v, mask, kv_rows, query, always, torch.tensor(dense), *self.caches, self.stats, 0,
+        return step(q, k, v, mask, kv_rows, query, always, torch.tensor(dense), *self.caches, self.stats,
                     self.scale, self.tau)
 
     @property
     def counts(self):
-        return dict(zip(["salient", "exact", "incremental", "query"], self.stats[0].tolist()))
+        return dict(zip(["salient", "exact", "incremental", "query"], self.stats.tolist()))
 
 
 def _mask(kind, B, L, gen):

@@ -48,7 +48,7 @@ def test_row_update_writes_only_selected_rows(B, L, H, seed):
 
 def _state(B, H, Hk, L, D):
     z = torch.zeros
-    return [z(B, Hk, L, D), z(B, Hk, L, D), z(B, H, L, D), z(B, H, L), z(1, 4, dtype=torch.long)]
+    return [z(B, Hk, L, D), z(B, Hk, L, D), z(B, H, L, D), z(B, H, L), z(4, dtype=torch.long)]
 
 
 @settings(max_examples=40, deadline=None)
@@ -69,7 +69,7 @@ def test_delta_attention_is_exact_for_unchanged_queries(B, Hk, g, L, D, mask_kin
     state = _state(B, H, Hk, L, D)
     everyone = torch.ones(B, L, dtype=torch.bool)
     nobody = torch.zeros(B, L, dtype=torch.bool)
-    out, salient = ops.delta_attention(q, k, v, mask, None, everyone, nobody, torch.tensor(True), *state, 0, scale,
+    out, salient = ops.delta_attention(q, k, v, mask, None, everyone, nobody, torch.tensor(True), *state, scale,
                                        1.0, exact_below)
     assert torch.allclose(out, sdpa(q, k, v, mask, scale), atol=1e-5) and salient.all()
     for _ in range(steps):
@@ -78,7 +78,7 @@ def test_delta_attention_is_exact_for_unchanged_queries(B, Hk, g, L, D, mask_kin
         v = torch.where(rows[:, None, :, None], torch.randn(B, Hk, L, D, generator=gen), v)
         garbage = lambda t: torch.where(rows[:, None, :, None], t, torch.full_like(t, float("nan")))
         out, salient = ops.delta_attention(q, garbage(k), garbage(v), mask, rows, everyone, nobody,
-                                           torch.tensor(False), *state, 0, scale, 1.0, exact_below)
+                                           torch.tensor(False), *state, scale, 1.0, exact_below)
         assert torch.allclose(out, sdpa(q, k, v, mask, scale), atol=1e-4)
         if not rows.any():
             assert not salient.any()
@@ -94,13 +94,13 @@ def test_delta_attention_falls_back_to_exact_rows_on_cancellation():
     v = torch.randn(B, H, L, D)
     state = _state(B, H, H, L, D)
     everyone, nobody = torch.ones(B, L, dtype=torch.bool), torch.zeros(B, L, dtype=torch.bool)
-    ops.delta_attention(q, k, v, None, None, everyone, nobody, torch.tensor(True), *state, 0, 1.0, 1.0, 0)
+    ops.delta_attention(q, k, v, None, None, everyone, nobody, torch.tensor(True), *state, 1.0, 1.0, 0)
     rows = torch.zeros(B, L, dtype=torch.bool)
     rows[0, 2] = True
     k2 = k.clone()
     k2[0, 0, 2, 0] = -5.0
-    out, _ = ops.delta_attention(q, k2, v, None, rows, everyone, nobody, torch.tensor(False), *state, 0, 1.0, 1.0, 0)
-    stats = state[-1][0].tolist()
+    out, _ = ops.delta_attention(q, k2, v, None, rows, everyone, nobody, torch.tensor(False), *state, 1.0, 1.0, 0)
+    stats = state[-1].tolist()
     assert stats[1] == L and stats[2] == 0  # every row took the exact path
     assert torch.allclose(out, sdpa(q, k2, v, None, 1.0), atol=1e-5)
 
@@ -122,9 +122,9 @@ def test_a_row_left_out_of_the_query_rows_is_recomputed_when_queried_again(trito
     k2, v2 = k1.clone(), v1.clone()
     v2[0, :, 2] -= 1.0
     with triton_on_cpu(triton):
-        ops.delta_attention(q, k, v, None, None, everyone, nobody, torch.tensor(True), *state, 0, 0.5, 0.99, 0)
-        ops.delta_attention(q, k1, v1, None, rows, query, nobody, torch.tensor(False), *state, 0, 0.5, 0.99, 0)
-        out, _ = ops.delta_attention(q, k2, v2, None, rows2, everyone, nobody, torch.tensor(False), *state, 0, 0.5,
+        ops.delta_attention(q, k, v, None, None, everyone, nobody, torch.tensor(True), *state, 0.5, 0.99, 0)
+        ops.delta_attention(q, k1, v1, None, rows, query, nobody, torch.tensor(False), *state, 0.5, 0.99, 0)
+        out, _ = ops.delta_attention(q, k2, v2, None, rows2, everyone, nobody, torch.tensor(False), *state, 0.5,
                                      0.99, 0)
     assert torch.allclose(out, sdpa(q, k2, v2, None, 0.5), atol=1e-5)
 
@@ -136,7 +136,7 @@ def test_saliency_threshold_and_query_rows(exact_below):
     q, k, v = (torch.randn(B, H, L, D, generator=gen) for _ in range(3))
     state = _state(B, H, H, L, D)
     everyone, nobody = torch.ones(B, L, dtype=torch.bool), torch.zeros(B, L, dtype=torch.bool)
-    ops.delta_attention(q, k, v, None, None, everyone, nobody, torch.tensor(True), *state, 0, 0.5, 0.99, 0)
+    ops.delta_attention(q, k, v, None, None, everyone, nobody, torch.tensor(True), *state, 0.5, 0.99, 0)
     rows = nobody.clone()
     rows[0, 1] = True
     v2 = v.clone()
@@ -146,7 +146,7 @@ def test_saliency_threshold_and_query_rows(exact_below):
     always = nobody.clone()
     always[0, 3] = True
     ctx_before = state[2][0, :, 4].clone()
-    out, salient = ops.delta_attention(q, k, v2, None, rows, query, always, torch.tensor(False), *state, 0, 0.5,
+    out, salient = ops.delta_attention(q, k, v2, None, rows, query, always, torch.tensor(False), *state, 0.5,
                                        0.99, exact_below)
     assert salient[0, :4].all() and not salient[0, 4]
     assert torch.allclose(out[0, :, :4], sdpa(q, k, v2, None, 0.5)[0, :, :4], atol=1e-5)  # query rows: exact
@@ -174,7 +174,7 @@ def _opcheck(name):
     else:
         everyone, nobody = torch.ones(B, L, dtype=torch.bool), torch.zeros(B, L, dtype=torch.bool)
         args = (torch.randn(B, H, L, D), torch.randn(B, H, L, D), torch.randn(B, H, L, D), None, rows, everyone,
-                nobody, torch.tensor(False), *_state(B, H, H, L, D), 0, 0.5, 0.99, 0)
+                nobody, torch.tensor(False), *_state(B, H, H, L, D), 0.5, 0.99, 0)
         # the other path: every query row exact by one SDPA call (key length <= exact_below)
         torch.library.opcheck(getattr(ops, name), args[:-1] + (1024,))
     torch.library.opcheck(getattr(ops, name), args)

@@ -33,7 +33,7 @@ class _SparseStep(torch.nn.Module):
         self.register_buffer("v_cache", zeros(B, H, L, D))
         self.register_buffer("ctx_cache", zeros(B, H, L, D))
         self.register_buffer("lse_cache", zeros(B, H, L))
-        self.register_buffer("stats", zeros(2, 4, dtype=torch.long))
+        self.register_buffer("stats", zeros(4, dtype=torch.long))
         self.register_buffer("out_cache", zeros(B, L, H * D))
 
     def forward(self, x, wq, wk, wv, rows, query, mask, dense, k_memory, v_memory):
@@ -43,7 +43,7 @@ class _SparseStep(torch.nn.Module):
         q, k, v = (ops.sparse_rows_linear(x, w, None, rows, 0, 1).view(B, L, H, D).transpose(1, 2)
                    for w in (wq, wk, wv))
         ctx, salient = ops.delta_attention(q, k, v, mask, rows, query, rows, dense, self.k_cache, self.v_cache,
-                                           self.ctx_cache, self.lse_cache, self.stats, 1, D ** -0.5, 0.99, 0,
+                                           self.ctx_cache, self.lse_cache, self.stats, D ** -0.5, 0.99, 0,
                                            k_memory, v_memory)
         ops.row_update_(self.out_cache, ctx.transpose(1, 2).reshape(B, L, H * D), salient, 0, 1)
         return (self.out_cache + 1,)

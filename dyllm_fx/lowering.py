@@ -1,0 +1,156 @@
+"""Inductor lowering of the rewritten graph: one compile per distinct layer segment, not one per layer.
+
+The rewritten graph repeats one block per layer. Compiled whole, AOTAutograd and Inductor trace, schedule and
+generate code for every layer again. `SegmentedGraph` cuts it before each attention step the rewrite put in:
+segment i runs from attention i up to attention i + 1 (its output projection, MLP, and the next layer's norm and
+Q/K/V projections), the first segment holds the embedding and layer 0's projections, the last the final norm and
+the LM head. A segment reads everything that differs between layers as an input (weights, caches, its attention's
+row of the stats buffer, `passes/saliency_rewrite.py`), so identical layers give the same segment graph over other
+tensors: it is compiled once and every such layer calls the compiled function.
+
+Segments exchange only tensors of static size. A cut is dropped where a tensor of data-dependent size (a row index
+of the compact path) would cross it, and the two segments around it stay one. Each compiled function is keyed by
+its segment's graph (`signature`: ops, constants and wiring, not node names) and by the shapes, strides and dtypes
+of its inputs. Inductor does not fuse across a cut; the layers' own kernels are unchanged.
+"""
+from typing import Callable
+
+import torch
+from torch import fx
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.fx.passes.split_module import split_module
+
+
+def _encode(arg, index: dict):
+    if isinstance(arg, fx.Node):
+        return ("node", index[arg])
+    if isinstance(arg, (list, tuple)):
+        return (type(arg).__name__, tuple(_encode(a, index) for a in arg))
+    if isinstance(arg, dict):
+        return ("dict", tuple((k, _encode(v, index)) for k, v in arg.items()))
+    return (type(arg).__name__, repr(arg))
+
+
+def signature(gm: fx.GraphModule) -> tuple:
+    """A graph's structure: each node's op, target and arguments, nodes named by position. Two graphs with the
+    same signature compute the same function of their inputs."""
+    index, out = {}, []
+    for i, node in enumerate(gm.graph.nodes):
+        index[node] = i
+        target = node.target if node.op in ("call_function", "call_method", "get_attr") else None
+        out.append((node.op, target, _encode(node.args, index), _encode(node.kwargs, index)))
+    return tuple(out)
+
+
+def _layout(args) -> tuple:
+    return tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else repr(a)
+                 for a in args)
+
+
+def _data_dependent(value) -> bool:
+    return isinstance(value, torch.Tensor) and any(
+        isinstance(s, torch.SymInt) and s.node.maybe_as_int() is None for s in (*value.shape, *value.stride()))
+
+
+def _fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    # the compact path's row indexes have data-dependent sizes (`select_rows`, `.item()`)
+    return FakeTensorMode(shape_env=ShapeEnv(allow_dynamic_output_shape_ops=True, allow_scalar_outputs=True))
+
+
+class _Segment:
+    """One segment of the split graph as its compiled function (which takes and returns a tuple)."""
+
+    def __init__(self, fn: Callable, single: bool):
+        self.fn, self.single = fn, single
+
+    def __call__(self, *args):
+        out = self.fn(*args)
+        return out[0] if self.single else out
+
+
+class SegmentedGraph:
+    """The rewritten graph `gm`, split at the attention steps `steps` and compiled per distinct segment by
+    `compile_fx` with `config_patches`, for inputs laid out like `example_inputs`.
+
+    Everything is compiled here, while Dynamo compiles the model. (Compiled at the first call instead, the fake
+    tensors' traceback would keep Dynamo's code for the model alive, and with it the compiled model after
+    `torch._dynamo.reset()`.) The example inputs are remade in a fake mode of our own, whose shape environment
+    allows data-dependent sizes; the tensors between segments come from running the segments on them."""
+
+    def __init__(self, gm: fx.GraphModule, steps: list[fx.Node], config_patches: dict, example_inputs):
+        self.patches = config_patches
+        self.mode = _fake_mode()
+        with self.mode:
+            fakes = [torch.empty_strided(e.shape, e.stride(), dtype=e.dtype, device=e.device)
+                     if isinstance(e, torch.Tensor) else e for e in example_inputs]
+        cuts = set(self._cuts(gm, steps, fakes))
+        part, k = {}, 0
+        for node in gm.graph.nodes:
+            k += node in cuts
+            part[node] = k
+        self.top = split_module(gm, None, lambda n: part[n], keep_original_order=True)
+        self.segments = len(list(self.top.named_children()))
+        self._compiled: dict = {}
+        _CompileSegments(self).run(*fakes)
+        self.mode = None  # keep no fakes alive
+        self.compiles = len(self._compiled)
+        self._compiled = None
+
+    def __call__(self, *args):
+        return self.top(*args)
+
+    def _cuts(self, gm: fx.GraphModule, steps: list[fx.Node], fakes: list) -> list[fx.Node]:
+        """The attention steps before which the graph can be cut: no tensor of data-dependent size is made
+        before one and read after it."""
+        nodes = list(gm.graph.nodes)
+        kept = {n: {k: n.meta[k] for k in ("val", "unbacked_bindings") if k in n.meta} for n in nodes}
+        # a plain function of the graph (an attention step) may make and drop sizes of its own inside
+        with torch.no_grad(), self.mode.shape_env.ignore_fresh_unbacked_symbols():
+            FakeTensorProp(gm, self.mode).propagate_dont_convert_inputs(*fakes)
+        position = {n: i for i, n in enumerate(nodes)}
+        last_read = {n: max((position[u] for u in n.users), default=-1) for n in nodes
+                     if _data_dependent(n.meta.get("val"))}
+        for n in nodes:  # these fakes are the probe's, not the compiles'
+            n.meta.pop("val", None)
+            n.meta.pop("unbacked_bindings", None)
+            n.meta.update(kept[n])
+        return [s for s in steps if not any(position[n] < position[s] <= read for n, read in last_read.items())]
+
+    def compile(self, gm: fx.GraphModule, args) -> Callable:
+        """`gm` (a segment, returning a tuple) compiled for inputs laid out as the fakes `args`; reused for every
+        segment with the same graph and layout."""
+        key = (signature(gm), _layout(args))
+        if key not in self._compiled:
+            from torch._inductor.compile_fx import compile_fx
+
+            # a tracing context of our own: AOTAutograd takes the fake mode from it, not Dynamo's
+            with torch._guards.tracing(torch._guards.TracingContext(self.mode)):
+                self._compiled[key] = compile_fx(gm, list(args), config_patches=self.patches)
+        return self._compiled[key]
+
+
+class _CompileSegments(fx.Interpreter):
+    """Runs the split graph on fake tensors: compiles each segment for the fakes that reach it and installs the
+    compiled function in its place, then runs the segment itself (uncompiled) to make the next segments' inputs."""
+
+    def __init__(self, owner: SegmentedGraph):
+        super().__init__(owner.top)
+        self.owner = owner
+
+    def call_module(self, target, args, kwargs):
+        sub = self.fetch_attr(target)
+        output = next(iter(sub.graph.find_nodes(op="output")))
+        single = not isinstance(output.args[0], (tuple, list))
+        if single:  # AOTAutograd wants a tuple of outputs
+            output.args = ((output.args[0],),)
+            sub.recompile()
+        with torch.no_grad():
+            fn = self.owner.compile(sub, args)
+            with self.owner.mode, self.owner.mode.shape_env.ignore_fresh_unbacked_symbols():
+                out = sub(*args)
+        delattr(self.module, target)
+        setattr(self.module, target, _Segment(fn, single))
+        return out[0] if single else out
