@@ -30,8 +30,8 @@ class Options:
     those weights in memory, results off `F.linear`'s by fp32 rounding; None: on below tau = 1.0 (at 1.0 the
     rewritten model reproduces the original bit for bit on CPU).
     `split_layers`: with Inductor, compile the rewritten graph in segments cut at the attentions, each distinct
-    segment once (`dyllm_fx/lowering.py`: identical layers share one compile, so a first compile is several times
-    shorter); False compiles it whole."""
+    segment once (`dyllm_fx/lowering.py`: identical layers share one compile; README "Compile time"); False
+    compiles it whole."""
 
     tau: float = 0.99
     dense_steps: int = 4
