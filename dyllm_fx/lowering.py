@@ -8,8 +8,9 @@ the LM head. A segment reads everything that differs between layers as an input 
 row of the stats buffer, `passes/saliency_rewrite.py`), so identical layers give the same segment graph over other
 tensors: it is compiled once and every such layer calls the compiled function.
 
-Segments exchange only tensors of static size. A cut is dropped where a tensor of data-dependent size (a row index
-of the compact path) would cross it, and the two segments around it stay one. Each compiled function is keyed by
+Segments exchange only tensors of static size: where a tensor of data-dependent size (a row index of the compact
+path) would cross a cut, the cut moves on to the first node past its last reader, or is dropped if the next
+attention comes first. Each compiled function is keyed by
 its segment's graph (`signature`: ops, constants and wiring, not node names) and by the shapes, strides and dtypes
 of its inputs. Inductor does not fuse across a cut; the layers' own kernels are unchanged.
 """
@@ -48,8 +49,12 @@ def _layout(args) -> tuple:
 
 
 def _data_dependent(value) -> bool:
-    return isinstance(value, torch.Tensor) and any(
-        isinstance(s, torch.SymInt) and s.node.maybe_as_int() is None for s in (*value.shape, *value.stride()))
+    """Whether a node's value has a size (or is a number) known only at run time: a row index, its length."""
+    if isinstance(value, torch.Tensor):
+        return any(_data_dependent(s) for s in (*value.shape, *value.stride()))
+    if isinstance(value, (tuple, list)):  # torch.Size included
+        return any(_data_dependent(v) for v in value)
+    return isinstance(value, torch.SymInt) and value.node.maybe_as_int() is None
 
 
 def _fake_mode():
@@ -72,7 +77,7 @@ class _Segment:
 
 
 class SegmentedGraph:
-    """The rewritten graph `gm`, split at the attention steps `steps` and compiled per distinct segment by
+    """The rewritten graph `gm`, split at its attention steps `steps` (`_cuts`) and compiled per distinct segment by
     `compile_fx` with `config_patches`, for inputs laid out like `example_inputs`.
 
     Everything is compiled here, while Dynamo compiles the model. (Compiled at the first call instead, the fake
@@ -103,21 +108,30 @@ class SegmentedGraph:
         return self.top(*args)
 
     def _cuts(self, gm: fx.GraphModule, steps: list[fx.Node], fakes: list) -> list[fx.Node]:
-        """The attention steps before which the graph can be cut: no tensor of data-dependent size is made
-        before one and read after it."""
+        """Where to cut: per attention step, the first node from it on (before the next step) that no tensor of
+        data-dependent size crosses, i.e. none made before it is read from it on. That is the step itself unless
+        a row index outlives it (a parallel block's MLP reads an index made before its attention); a step with no
+        such node gets no cut."""
         nodes = list(gm.graph.nodes)
         kept = {n: {k: n.meta[k] for k in ("val", "unbacked_bindings") if k in n.meta} for n in nodes}
         # a plain function of the graph (an attention step) may make and drop sizes of its own inside
         with torch.no_grad(), self.mode.shape_env.ignore_fresh_unbacked_symbols():
             FakeTensorProp(gm, self.mode).propagate_dont_convert_inputs(*fakes)
         position = {n: i for i, n in enumerate(nodes)}
-        last_read = {n: max((position[u] for u in n.users), default=-1) for n in nodes
-                     if _data_dependent(n.meta.get("val"))}
+        spans = [(position[n], max((position[u] for u in n.users), default=-1)) for n in nodes
+                 if _data_dependent(n.meta.get("val"))]
         for n in nodes:  # these fakes are the probe's, not the compiles'
             n.meta.pop("val", None)
             n.meta.pop("unbacked_bindings", None)
             n.meta.update(kept[n])
-        return [s for s in steps if not any(position[n] < position[s] <= read for n, read in last_read.items())]
+        ends = [position[s] for s in steps[1:]] + [len(nodes) - 1]  # the output node is never cut before
+        cuts = []
+        for step, end in zip(steps, ends):
+            at = next((p for p in range(position[step], end)
+                       if not any(made < p <= read for made, read in spans)), None)
+            if at is not None:
+                cuts.append(nodes[at])
+        return cuts
 
     def compile(self, gm: fx.GraphModule, args) -> Callable:
         """`gm` (a segment, returning a tuple) compiled for inputs laid out as the fakes `args`; reused for every

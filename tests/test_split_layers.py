@@ -39,22 +39,32 @@ def test_identical_layers_compile_once_and_give_the_whole_graphs_results():
     assert min(int(s[:, 0].sum()) for s in split_stats[4:]) < 2 * 20 * 4
 
 
-def _two_steps(x, m):
+def _read_then_more(x, m):
     index = torch.nonzero(m)  # a data-dependent size
-    a = torch.relu(x)  # the "attention steps" the graph is cut before
+    a = torch.relu(x)  # the "attention steps" the graph is cut at
     b = torch.sigmoid(a)
-    return b + index.shape[0], a * 2
+    return b + index.shape[0], a * 2  # the index's size is last read by the add
 
 
-def test_no_cut_lets_a_data_dependent_size_cross_it():
-    gm = torch.fx.symbolic_trace(_two_steps)
+def _read_last(x, m):
+    index = torch.nonzero(m)
+    a = torch.relu(x)
+    b = torch.sigmoid(a)
+    c = a * 2
+    return c, b + index.shape[0]  # ... and here nothing follows that read
+
+
+@pytest.mark.parametrize("f, segments", [(_read_then_more, 2), (_read_last, 1)])
+def test_no_cut_lets_a_data_dependent_size_cross_it(f, segments):
+    """The index is made before both steps and read after the second: no cut at either step; the second one's cut
+    moves past the read when a node follows it, else it is dropped."""
+    gm = torch.fx.symbolic_trace(f)
     steps = [n for n in gm.graph.nodes if n.target in (torch.relu, torch.sigmoid)]
     x, m = torch.randn(3, 4), torch.rand(3, 4) > 0.5
     lowered = SegmentedGraph(gm, steps, {}, (x, m))
-    # the index is made before both steps and read after the second: neither cut may stand
-    assert (lowered.segments, lowered.compiles) == (1, 1)
+    assert (lowered.segments, lowered.compiles) == (segments, segments)
     assert all("val" not in n.meta for n in gm.graph.nodes)  # the probe's fakes are not left on the graph
-    for got, want in zip(lowered(x, m), _two_steps(x, m)):
+    for got, want in zip(lowered(x, m), f(x, m)):
         assert torch.allclose(got, want)
 
 
@@ -91,3 +101,22 @@ def test_signature_ignores_names_and_sees_constants():
 def test_split_layers_must_be_a_bool():
     with pytest.raises(ValueError, match="split_layers"):
         dyllm_fx.backend(split_layers="yes")
+
+
+def test_gemma2_soft_capped_alternating_layers_stay_exact_at_tau_one():
+    """Gemma 2: soft-capped scores (the `delta_attention` op, not a traced step) and sliding-window layers
+    alternating with global ones, so two kinds of middle segment."""
+    from dyllm_fx.zoo import gemma2
+
+    torch._dynamo.reset()
+    model = gemma2(num_layers=4).eval()
+    mask_id = model.config.mask_token_id
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=1.0, dense_steps=1), dynamic=False)
+    ids = torch.randint(3, mask_id - 4, (2, 24), generator=torch.Generator().manual_seed(0))
+    ids[:, 10:] = mask_id
+    with torch.no_grad():
+        for s in range(4):
+            assert torch.allclose(compiled(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
+            ids[:, 10 + s] = 5 + s
+    segmented = graphs_of(model)[0].report.segmented
+    assert (segmented.segments, segmented.compiles) == (5, 4)
