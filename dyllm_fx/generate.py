@@ -239,7 +239,8 @@ def check_decoding_arguments(gen_length: int, steps: int, block_length: int, *, 
 @torch.no_grad()
 def generate(model, input_ids, *, gen_length: int, steps: int, block_length: int, mask_id: Optional[int] = None,
              temperature: float = 0.0, top_p: Optional[float] = None, remasking: str = "low_confidence",
-             confidence_threshold: Optional[float] = None, shift_logits: bool = False, attention_mask: Optional[torch.Tensor] = None, eos_id: Optional[int] = None,
+             confidence_threshold: Optional[float] = None, shift_logits: bool = False,
+             attention_mask: Optional[torch.Tensor] = None, eos_id: Optional[int] = None,
              progress: bool = False) -> GenerateOutput:
     """Decode gen_length tokens after the prompt by iterative unmasking.
 

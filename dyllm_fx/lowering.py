@@ -10,9 +10,9 @@ tensors: it is compiled once and every such layer calls the compiled function.
 
 Segments exchange only tensors of static size: where a tensor of data-dependent size (a row index of the compact
 path) would cross a cut, the cut moves on to the first node past its last reader, or is dropped if the next
-attention comes first. Each compiled function is keyed by
-its segment's graph (`signature`: ops, constants and wiring, not node names) and by the shapes, strides and dtypes
-of its inputs. Inductor does not fuse across a cut; the layers' own kernels are unchanged.
+attention comes first. Each compiled function is keyed by its segment's graph (`signature`: ops, constants and
+wiring, not node names) and by the shapes, strides and dtypes of its inputs. Inductor does not fuse across a cut;
+the layers' own kernels are unchanged.
 """
 from typing import Callable
 
@@ -83,88 +83,75 @@ class SegmentedGraph:
     Everything is compiled here, while Dynamo compiles the model. (Compiled at the first call instead, the fake
     tensors' traceback would keep Dynamo's code for the model alive, and with it the compiled model after
     `torch._dynamo.reset()`.) The example inputs are remade in a fake mode of our own, whose shape environment
-    allows data-dependent sizes; the tensors between segments come from running the segments on them."""
+    allows data-dependent sizes, and propagated through the graph once (`_probe`): that gives both where a
+    data-dependent size lives (the cuts) and each segment's example inputs."""
 
     def __init__(self, gm: fx.GraphModule, steps: list[fx.Node], config_patches: dict, example_inputs):
-        self.patches = config_patches
-        self.mode = _fake_mode()
-        with self.mode:
+        mode = _fake_mode()
+        with mode:
             fakes = [torch.empty_strided(e.shape, e.stride(), dtype=e.dtype, device=e.device)
                      if isinstance(e, torch.Tensor) else e for e in example_inputs]
-        cuts = set(self._cuts(gm, steps, fakes))
+        values = _probe(gm, mode, fakes)
+        cuts = set(_cuts(list(gm.graph.nodes), steps, values))
         part, k = {}, 0
         for node in gm.graph.nodes:
             k += node in cuts
             part[node] = k
         self.top = split_module(gm, None, lambda n: part[n], keep_original_order=True)
-        self.segments = len(list(self.top.named_children()))
-        self._compiled: dict = {}
-        _CompileSegments(self).run(*fakes)
-        self.mode = None  # keep no fakes alive
-        self.compiles = len(self._compiled)
-        self._compiled = None
+        by_name = {n.name: v for n, v in values.items()}
+        compiled: dict = {}  # (segment graph, input layout) -> compiled function
+        segments = list(self.top.named_children())
+        for name, sub in segments:
+            # a segment's placeholders are named after the nodes of `gm` whose values they take
+            args = [by_name[p.target] for p in sub.graph.find_nodes(op="placeholder")]
+            output = next(iter(sub.graph.find_nodes(op="output")))
+            single = not isinstance(output.args[0], (tuple, list))
+            if single:  # AOTAutograd wants a tuple of outputs
+                output.args = ((output.args[0],),)
+                sub.recompile()
+            key = (signature(sub), _layout(args))
+            if key not in compiled:
+                from torch._inductor.compile_fx import compile_fx
+
+                # a tracing context of our own: AOTAutograd takes the fake mode from it, not Dynamo's
+                with torch.no_grad(), torch._guards.tracing(torch._guards.TracingContext(mode)):
+                    compiled[key] = compile_fx(sub, args, config_patches=config_patches)
+            delattr(self.top, name)
+            setattr(self.top, name, _Segment(compiled[key], single))
+        self.segments, self.compiles = len(segments), len(compiled)
 
     def __call__(self, *args):
         return self.top(*args)
 
-    def _cuts(self, gm: fx.GraphModule, steps: list[fx.Node], fakes: list) -> list[fx.Node]:
-        """Where to cut: per attention step, the first node from it on (before the next step) that no tensor of
-        data-dependent size crosses, i.e. none made before it is read from it on. That is the step itself unless
-        a row index outlives it (a parallel block's MLP reads an index made before its attention); a step with no
-        such node gets no cut."""
-        nodes = list(gm.graph.nodes)
-        kept = {n: {k: n.meta[k] for k in ("val", "unbacked_bindings") if k in n.meta} for n in nodes}
-        # a plain function of the graph (an attention step) may make and drop sizes of its own inside
-        with torch.no_grad(), self.mode.shape_env.ignore_fresh_unbacked_symbols():
-            FakeTensorProp(gm, self.mode).propagate_dont_convert_inputs(*fakes)
-        position = {n: i for i, n in enumerate(nodes)}
-        spans = [(position[n], max((position[u] for u in n.users), default=-1)) for n in nodes
-                 if _data_dependent(n.meta.get("val"))]
-        for n in nodes:  # these fakes are the probe's, not the compiles'
-            n.meta.pop("val", None)
-            n.meta.pop("unbacked_bindings", None)
-            n.meta.update(kept[n])
-        ends = [position[s] for s in steps[1:]] + [len(nodes) - 1]  # the output node is never cut before
-        cuts = []
-        for step, end in zip(steps, ends):
-            at = next((p for p in range(position[step], end)
-                       if not any(made < p <= read for made, read in spans)), None)
-            if at is not None:
-                cuts.append(nodes[at])
-        return cuts
 
-    def compile(self, gm: fx.GraphModule, args) -> Callable:
-        """`gm` (a segment, returning a tuple) compiled for inputs laid out as the fakes `args`; reused for every
-        segment with the same graph and layout."""
-        key = (signature(gm), _layout(args))
-        if key not in self._compiled:
-            from torch._inductor.compile_fx import compile_fx
-
-            # a tracing context of our own: AOTAutograd takes the fake mode from it, not Dynamo's
-            with torch._guards.tracing(torch._guards.TracingContext(self.mode)):
-                self._compiled[key] = compile_fx(gm, list(args), config_patches=self.patches)
-        return self._compiled[key]
+def _probe(gm: fx.GraphModule, mode, fakes: list) -> dict:
+    """Every node's value when `gm` runs on the fake inputs `fakes` (of `mode`); the graph's meta is left as it was."""
+    nodes = list(gm.graph.nodes)
+    kept = {n: {k: n.meta[k] for k in ("val", "unbacked_bindings") if k in n.meta} for n in nodes}
+    # a plain function of the graph (an attention step) may make and drop sizes of its own inside
+    with torch.no_grad(), mode.shape_env.ignore_fresh_unbacked_symbols():
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+    values = {n: n.meta.get("val") for n in nodes}
+    for n in nodes:
+        n.meta.pop("val", None)
+        n.meta.pop("unbacked_bindings", None)
+        n.meta.update(kept[n])
+    return values
 
 
-class _CompileSegments(fx.Interpreter):
-    """Runs the split graph on fake tensors: compiles each segment for the fakes that reach it and installs the
-    compiled function in its place, then runs the segment itself (uncompiled) to make the next segments' inputs."""
-
-    def __init__(self, owner: SegmentedGraph):
-        super().__init__(owner.top)
-        self.owner = owner
-
-    def call_module(self, target, args, kwargs):
-        sub = self.fetch_attr(target)
-        output = next(iter(sub.graph.find_nodes(op="output")))
-        single = not isinstance(output.args[0], (tuple, list))
-        if single:  # AOTAutograd wants a tuple of outputs
-            output.args = ((output.args[0],),)
-            sub.recompile()
-        with torch.no_grad():
-            fn = self.owner.compile(sub, args)
-            with self.owner.mode, self.owner.mode.shape_env.ignore_fresh_unbacked_symbols():
-                out = sub(*args)
-        delattr(self.module, target)
-        setattr(self.module, target, _Segment(fn, single))
-        return out[0] if single else out
+def _cuts(nodes: list[fx.Node], steps: list[fx.Node], values: dict) -> list[fx.Node]:
+    """Where to cut: per attention step, the first node from it on (before the next step) that no value of
+    data-dependent size crosses, i.e. none made before it is read from it on. That is the step itself unless a row
+    index outlives it (a parallel block's MLP reads an index made before its attention); a step with no such node
+    gets no cut."""
+    position = {n: i for i, n in enumerate(nodes)}
+    spans = [(position[n], max((position[u] for u in n.users), default=-1)) for n in nodes
+             if _data_dependent(values[n])]
+    ends = [position[s] for s in steps[1:]] + [len(nodes) - 1]  # the output node is never cut before
+    cuts = []
+    for step, end in zip(steps, ends):
+        at = next((p for p in range(position[step], end) if not any(made < p <= read for made, read in spans)),
+                  None)
+        if at is not None:
+            cuts.append(nodes[at])
+    return cuts
