@@ -6,6 +6,7 @@ import dyllm_fx
 from dyllm_fx.backend import graphs_of
 from dyllm_fx.lowering import SegmentedGraph, signature
 from dyllm_fx.models import dream_like
+from trajectories import left_to_right, run_both
 
 
 def _decode(model, split: bool, steps: int = 8):
@@ -110,13 +111,7 @@ def test_gemma2_soft_capped_alternating_layers_stay_exact_at_tau_one():
 
     torch._dynamo.reset()
     model = gemma2(num_layers=4).eval()
-    mask_id = model.config.mask_token_id
     compiled = torch.compile(model, backend=dyllm_fx.backend(tau=1.0, dense_steps=1), dynamic=False)
-    ids = torch.randint(3, mask_id - 4, (2, 24), generator=torch.Generator().manual_seed(0))
-    ids[:, 10:] = mask_id
-    with torch.no_grad():
-        for s in range(4):
-            assert torch.allclose(compiled(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
-            ids[:, 10 + s] = 5 + s
+    run_both(model, compiled, left_to_right(model.config.mask_token_id))
     segmented = graphs_of(model)[0].report.segmented
     assert (segmented.segments, segmented.compiles) == (5, 4)
