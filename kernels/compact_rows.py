@@ -77,10 +77,12 @@ def take_token_rows(t: Tensor, index: Tensor, token_axis: int, length: int) -> T
 
 def rows_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """`F.linear` on a compact tensor. CPU BLAS computes a GEMM of fewer than `MIN_ROWS` rows in another
-    summation order (see `sparse_rows_linear.py`); zero rows appended up to `MIN_ROWS` give every row the
-    dense GEMM's result, whatever the row count."""
+    summation order (see `sparse_rows_linear.py`); zero rows appended up to `MIN_ROWS` (and at least one) give
+    every row the dense GEMM's result, whatever the row count."""
     flat = x.reshape(-1, x.shape[-1])
-    padded = torch.cat([flat, flat.new_zeros(torch.sym_max(MIN_ROWS - flat.shape[0], 0), flat.shape[-1])])
+    # at least one zero row: torch 2.11's Inductor divides by the size hint of this block, which is 0 for
+    # `max(MIN_ROWS - n, 0)` when it hints `n` at its upper bound
+    padded = torch.cat([flat, flat.new_zeros(torch.sym_max(MIN_ROWS - flat.shape[0], 1), flat.shape[-1])])
     y = F.linear(padded, weight, bias).narrow(0, 0, flat.shape[0])
     return y.view(*x.shape[:-1], weight.shape[0])
 

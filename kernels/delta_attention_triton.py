@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
+from .dispatch import launch
 from .delta_attention import CANCELLATION_FLOOR, _additive, _keys, stale_rows
 from .row_index import row_index
 from .saliency import saliency
@@ -174,7 +174,7 @@ def rows_attention(q, k, v, mask, index, count, ctx, lse, scale, softcap=0.0, **
     Hk, Lk = k.shape[1], k.shape[2]
     cfg = {**_blocks(q.device, D), **blocks}
     m4 = _strides(mask, 4)
-    wrap_triton(_rows_attention_kernel)[(B * H, triton.cdiv(Lq, cfg["BLOCK_M"]))](
+    launch(_rows_attention_kernel)[(B * H, triton.cdiv(Lq, cfg["BLOCK_M"]))](
         q, k, v, mask if mask is not None else q, index, count, ctx, lse, H, H // Hk, Lq, Lk, D, float(scale),
         float(softcap), *_strides(q, 3), *_strides(k, 3), *_strides(v, 3), *m4, *_strides(ctx, 3), *_strides(lse, 2),
         HAS_MASK=mask is not None, SOFTCAP=bool(softcap), IEEE=q.dtype == torch.float32, **cfg)
@@ -189,7 +189,7 @@ def incremental_update(q, k_old, v_old, k_new, v_new, mask, rows, row_count, col
     Hk, Lk = k_old.shape[1], k_old.shape[2]
     cancelled = torch.zeros(B, Lq, dtype=torch.int8, device=q.device)
     cfg = {**_blocks(q.device, D), **blocks}
-    wrap_triton(_incremental_kernel)[(B * H, triton.cdiv(Lq, cfg["BLOCK_M"]))](
+    launch(_incremental_kernel)[(B * H, triton.cdiv(Lq, cfg["BLOCK_M"]))](
         q, k_old, v_old, k_new, v_new, mask if mask is not None else q, rows, row_count, cols, col_count, ctx, lse,
         cancelled, H, H // Hk, Lq, Lk, D, float(scale), float(softcap), CANCELLATION_FLOOR,
         *_strides(q, 3), *_strides(k_old, 3), *_strides(v_old, 3), *_strides(k_new, 3), *_strides(v_new, 3),

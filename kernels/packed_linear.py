@@ -1,19 +1,18 @@
-"""`packed_linear`: a CPU linear on weights prepacked once for oneDNN (the compact path's GEMM below tau = 1).
+"""`packed_linear`: the compact path's CPU linear below tau = 1, on the few rows of a sparse step.
 
 `packed_linear(x, [w1, w2, ...], [b1, b2, ...])` is `cat([F.linear(x, w1, b1), F.linear(x, w2, b2), ...], -1)`:
-linears that read the same rows (a layer's Q, K and V projections, an MLP's gate and up) are one GEMM over
-their weights' concatenation (`passes/shared_input_linears.py`), packed once. A bias may be None.
+linears that read the same rows (a layer's Q, K and V projections, an MLP's gate and up) are one call
+(`passes/shared_input_linears.py`). A bias may be None.
 
-MKL's fp32 GEMM, which `F.linear` calls on CPU, repacks the weight on every call. At the few rows of a sparse
-step that repacking costs more than the arithmetic (a micro-benchmark on 2 cores: SmolLM2's 49152 x 576 LM head
-on 12 rows, 23 ms through `F.linear`, 9 ms through oneDNN on a prepacked weight, about the time to read it once).
-Each call also has a fixed cost (the op's dispatch and oneDNN's primitive, tens of microseconds), which the
-grouping pays once per group.
+Up to `FEW_ROWS` rows (a sparse step) each weight goes through `row_gemm` (`row_gemm.py`): one pass over the
+plain weight, into its columns of the output. Beyond that (a dense step, every row) the group runs as one oneDNN
+GEMM on a copy of the concatenated weights packed once: MKL's fp32 GEMM, which `F.linear` calls on CPU, repacks
+the weight on every call, and at a few dozen rows that costs more than the arithmetic.
 
-oneDNN's GEMM on a packed weight is batch invariant: a row's result does not depend on how many other rows are in
-the call (tested), so unlike `compact_rows.rows_linear` no padding rows are needed. Its summation order differs
-from MKL's (results differ from `F.linear` by fp32 rounding), which is why tau = 1.0 keeps the MKL path: there
-the rewritten model reproduces the original bit for bit.
+Up to `FEW_ROWS` rows a row's result does not depend on the other rows of its call (tested); oneDNN's may
+(seen with torch 2.11 between 1 and 3 rows). Both sum in another order than MKL (results differ from
+`F.linear` by fp32 rounding), which is why tau = 1.0 keeps the MKL path: there the rewritten model reproduces
+the original bit for bit.
 
 The packed copies live in `_PACKED`, keyed weakly by the group's first weight (dropped with it) and re-made when
 a weight or bias of the group is another tensor or its version counter moved (an in-place update). They cost as
@@ -27,9 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from . import row_gemm
+
 # first weight -> (weakrefs to the group's weights and biases, their versions, packed weight, concatenated bias)
 _PACKED = WeakTensorKeyDictionary()
 PACK_ROWS_HINT = 16  # the row count oneDNN chooses its packed layout for
+# up to this many rows `row_gemm`; at 32 rows it was as fast as oneDNN on SmolLM2's linears, and faster below
+FEW_ROWS = 32
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
@@ -71,12 +74,19 @@ torch.library.define("dyllm::packed_linear", "(Tensor x, Tensor[] weights, Tenso
 
 @torch.library.impl("dyllm::packed_linear", "CPU")
 def _packed_linear_cpu(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]]) -> Tensor:
-    if not _ONEDNN or x.dtype != torch.float32 or any(w.dtype != torch.float32 for w in weights):
-        return _plain(x, weights, biases)
     flat = x.reshape(-1, x.shape[-1])
     n = sum(w.shape[0] for w in weights)
     if flat.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], n)
+    if flat.shape[0] <= FEW_ROWS and all(row_gemm.supported(flat, w, b) for w, b in zip(weights, biases)) \
+            and row_gemm.available():
+        out, start = flat.new_empty(flat.shape[0], n), 0
+        for w, b in zip(weights, biases):
+            row_gemm.row_gemm(flat, w, b, out[:, start:start + w.shape[0]])
+            start += w.shape[0]
+        return out.view(*x.shape[:-1], n)
+    if not _ONEDNN or x.dtype != torch.float32 or any(w.dtype != torch.float32 for w in weights):
+        return _plain(x, weights, biases)
     packed, bias = packed_weights(weights, biases)
     y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), packed, bias, "none", [], "")
     return y.view(*x.shape[:-1], n)

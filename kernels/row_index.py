@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
+
+from .dispatch import launch
 
 
 def row_index_reference(mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -36,7 +37,7 @@ def row_index_triton(mask: Tensor, block: int = 256) -> tuple[Tensor, Tensor]:
     index = torch.zeros(G, L, dtype=torch.int32, device=mask.device)
     count = torch.zeros(G, dtype=torch.int32, device=mask.device)
     block = min(block, triton.next_power_of_2(L))
-    wrap_triton(_row_index_kernel)[(G, triton.cdiv(L, block))](mask, index, count, L, BLOCK=block)
+    launch(_row_index_kernel)[(G, triton.cdiv(L, block))](mask, index, count, L, BLOCK=block)
     return index, count
 
 

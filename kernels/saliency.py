@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
+
+from .dispatch import launch
 
 
 def saliency_reference(new: Tensor, old: Tensor, query: Tensor, always: Tensor, tau: float) -> Tensor:
@@ -65,7 +66,7 @@ def saliency_triton(new: Tensor, old: Tensor, query: Tensor, always: Tensor, tau
     salient = torch.empty(B, L, dtype=torch.int8, device=new.device)
     index = torch.zeros(B * L, dtype=torch.int32, device=new.device)
     count = torch.zeros(1, dtype=torch.int32, device=new.device)
-    wrap_triton(_saliency_kernel)[(B, L)](
+    launch(_saliency_kernel)[(B, L)](
         new, old, query.contiguous().view(torch.int8), always.contiguous().view(torch.int8), salient, index, count,
         H, L, D, float(tau), new.stride(0), new.stride(1), new.stride(2), old.stride(0), old.stride(1), old.stride(2),
         EXACT=tau >= 1.0, BLOCK_D=min(triton.next_power_of_2(D), 128))

@@ -15,9 +15,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from .dispatch import interpreted
+from .dispatch import interpreted, launch
 from .sparse_rows_linear import check_epilogue
 from .triton_dot import dot
 
@@ -116,7 +115,7 @@ def sparse_rows_linear_triton(
         kernel, cfg = _sparse_rows_linear_kernel, {**INTERPRETER_BLOCKS, **blocks}
         grid = (triton.cdiv(capacity, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     dummy = weight
-    wrap_triton(kernel)[grid](
+    launch(kernel)[grid](
         x, weight, bias if bias is not None else dummy, weight2 if weight2 is not None else dummy,
         bias2 if bias2 is not None else dummy, residual if residual is not None else dummy, out, index, count,
         N, K, x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),

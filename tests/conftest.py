@@ -6,3 +6,13 @@ import shutil
 
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Says when this Triton's interpreter cannot run the kernel tests here (they fail), and the fix."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from dyllm_fx.kernels.dispatch import _interpreter_problem
+
+        if _interpreter_problem():
+            terminalreporter.write_line(f"the Triton kernel tests cannot pass here: {_interpreter_problem()}", red=True)

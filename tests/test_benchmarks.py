@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 import torch
 
+from dyllm_fx.kernels.packed_linear import available
+
 
 def _script(name):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
@@ -54,6 +56,8 @@ def test_gemm_floor_times_every_linear_at_each_row_count(capsys):
     rows = _script("gemm_floor").main(["--model", "llada_like", "--rows", "2", "5", "--repeats", "1"])
     paths = {(r["path"], r["rows"]) for r in rows}
     assert ("read", 0) in paths and {("F.linear", 2), ("F.linear", 5)} <= paths
+    if available(torch.float32, "cpu"):
+        assert {("packed_linear", 5), ("oneDNN packed", 5)} <= paths
     assert all(r["ms"] > 0 for r in rows)
     assert "| read | - |" in capsys.readouterr().out
 

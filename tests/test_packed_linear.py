@@ -1,4 +1,5 @@
-"""`packed_linear` (`kernels/packed_linear.py`): oneDNN on a prepacked weight, and when the rewrite uses it."""
+"""`packed_linear` (`kernels/packed_linear.py`): `row_gemm` on few rows, oneDNN on a prepacked weight beyond, and
+when the rewrite uses it."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,7 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dyllm_fx
 from dyllm_fx.backend import graphs_of
-from dyllm_fx.kernels import packed_linear as packed
+from dyllm_fx.kernels import packed_linear as packed, row_gemm
 from dyllm_fx.kernels.compact_rows import rows_linear
 from dyllm_fx.models import llada_like
 from trajectories import left_to_right, rows_seen_by_gated_linears, run_both
@@ -19,11 +20,13 @@ def plain(x, weights, biases):
     return torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)
 
 
-@needs_onednn
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
-@given(k=st.integers(1, 80), widths=st.lists(st.integers(1, 70), min_size=1, max_size=3), total=st.integers(1, 64),
-       bias=st.lists(st.booleans(), min_size=3, max_size=3), seed=st.integers(0, 99))
-def test_a_row_gets_the_same_bits_whatever_rows_share_its_call(k, widths, total, bias, seed):
+@given(k=st.integers(1, 80), widths=st.lists(st.integers(1, 70), min_size=1, max_size=3),
+       total=st.integers(1, 2 * packed.FEW_ROWS), bias=st.lists(st.booleans(), min_size=3, max_size=3),
+       seed=st.integers(0, 99))
+def test_a_row_gets_the_same_bits_whatever_few_rows_share_its_call(k, widths, total, bias, seed):
+    """Up to FEW_ROWS rows (`row_gemm`) a row's result does not depend on the other rows of the call; on more
+    rows (oneDNN) the result is within rounding of `F.linear`."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(total, k, generator=g)
     weights = [torch.randn(n, k, generator=g) for n in widths]
@@ -31,15 +34,62 @@ def test_a_row_gets_the_same_bits_whatever_rows_share_its_call(k, widths, total,
     full = ops.packed_linear(x, weights, biases)
     torch.testing.assert_close(full, plain(x, weights, biases), rtol=1e-5, atol=1e-5)
     for m in sorted({0, 1, 2, total // 2, total}):
+        if m > packed.FEW_ROWS:
+            continue
         rows = torch.randperm(total, generator=g)[:m]
-        assert torch.equal(ops.packed_linear(x[rows], weights, biases), full[rows]), f"{m} of {total} rows"
+        one_by_one = [ops.packed_linear(x[r:r + 1], weights, biases) for r in rows.tolist()]
+        expected = torch.cat(one_by_one) if one_by_one else full[:0]
+        assert torch.equal(ops.packed_linear(x[rows], weights, biases), expected), f"{m} of {total} rows"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(m=st.integers(1, 12), n=st.integers(1, 21), k=st.integers(1, 40), pad=st.integers(0, 5),
+       left=st.integers(0, 3), bias=st.booleans(), seed=st.integers(0, 99))
+def test_row_gemm_writes_the_linear_into_its_columns_alone(m, n, k, pad, left, bias, seed):
+    """Any row and column count (vector tails, weight rows beyond the blocks of 4), inputs with a row stride
+    wider than their width, and an output that is a column slice of a wider tensor."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k + pad, generator=g)[:, :k]
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g) if bias else None
+    out = torch.full((m, left + n + 2), 7.0)
+    assert row_gemm.supported(x, w, b)
+    row_gemm.row_gemm(x, w, b, out[:, left:left + n])
+    torch.testing.assert_close(out[:, left:left + n], F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert (out[:, :left] == 7).all() and (out[:, left + n:] == 7).all()
+
+
+def test_row_gemm_refuses_what_it_cannot_take():
+    x, w = torch.randn(3, 8), torch.randn(4, 8)
+    assert not row_gemm.supported(x.double(), w.double(), None)
+    assert not row_gemm.supported(x, w.t().contiguous().t(), None)  # a weight that is not contiguous
+    assert not row_gemm.supported(x.t().contiguous().t(), w, None)  # columns not contiguous
+    with pytest.raises(ValueError, match="out must be"):
+        row_gemm.row_gemm(x, w, None, torch.empty(3, 5))
+
+
+def test_without_the_compiled_kernel_the_few_rows_take_onednn_with_one_warning(monkeypatch):
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    row_gemm._kernel.cache_clear()
+    monkeypatch.setattr(CppPythonBindingsCodeCache, "load_pybinding", broken)
+    try:
+        x, w = torch.randn(3, 8), torch.randn(5, 8)
+        with pytest.warns(UserWarning, match="could not be compiled"):
+            y = ops.packed_linear(x, [w], [None])
+        torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+        assert not row_gemm.available()
+    finally:
+        row_gemm._kernel.cache_clear()
 
 
 @needs_onednn
 def test_keeps_the_leading_axes_and_repacks_after_an_in_place_update():
-    x, w = torch.randn(2, 1, 5, 8), torch.randn(6, 8)
+    x, w = torch.randn(2, 1, packed.FEW_ROWS, 8), torch.randn(6, 8)  # more than FEW_ROWS rows: oneDNN
     y = ops.packed_linear(x, [w], [None])
-    assert y.shape == (2, 1, 5, 6)
+    assert y.shape == (2, 1, packed.FEW_ROWS, 6)
     torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         w.mul_(-2.0)
@@ -48,7 +98,7 @@ def test_keeps_the_leading_axes_and_repacks_after_an_in_place_update():
 
 @needs_onednn
 def test_a_group_repacks_when_any_member_changes_or_is_replaced():
-    x, w1, w2, b2 = torch.randn(3, 8), torch.randn(4, 8), torch.randn(5, 8), torch.randn(5)
+    x, w1, w2, b2 = torch.randn(packed.FEW_ROWS + 1, 8), torch.randn(4, 8), torch.randn(5, 8), torch.randn(5)
     ops.packed_linear(x, [w1, w2], [None, b2])
     with torch.no_grad():
         b2.add_(1.0)  # in place: the version counter moves

@@ -1,0 +1,119 @@
+"""`row_gemm`: `x @ w.T (+ b)` on CPU for the few rows of a sparse step, one pass over the plain weight.
+
+At a sparse step a gated linear runs on a handful of rows, and its time is reading the weight. BLAS GEMMs are
+built for many rows: MKL repacks the weight on every call and oneDNN's packed GEMM (and its fixed cost per call)
+took 2-3x the time of one read of the weight at 4-16 rows (`benchmarks/gemm_floor.py`). This kernel streams
+each weight row once: a thread takes blocks of 4 weight rows, and for every pair of input rows (held in L1)
+accumulates the 8 dot products in vector registers over the shared axis, then reduces each to one output. It reads
+the weight as it is, so no packed copy is kept.
+
+Each output element is one dot product in a fixed summation order, whatever the other rows of the call: a row's
+result does not depend on how many rows share its call (batch invariant). The order is not BLAS's, so results
+differ from `F.linear` by fp32 rounding.
+
+The C++ below is compiled once per process (and cached on disk) by Inductor's C++ toolchain, the one that compiles
+Inductor's own CPU kernels; `at::vec::Vectorized` picks the machine's vector ISA.
+"""
+import functools
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_SOURCE = r"""
+#include <torch/csrc/inductor/cpp_prefix.h>
+
+using Vec = at::vec::Vectorized<float>;
+
+// out[i, j] = bias[j] + sum_k x[i, k] * w[j, k] for MB rows of x and NB rows of w
+template <int MB, int NB>
+static inline void tile(const float* x, const float* w, const float* bias, float* out, int64_t K, int64_t ldx,
+                        int64_t ldo) {
+    Vec acc[MB][NB];
+    for (int i = 0; i < MB; ++i)
+        for (int j = 0; j < NB; ++j) acc[i][j] = Vec(0.f);
+    const int64_t full = K - K % Vec::size();
+    for (int64_t k = 0; k < full; k += Vec::size()) {
+        Vec wv[NB];
+        for (int j = 0; j < NB; ++j) wv[j] = Vec::loadu(w + j * K + k);
+        for (int i = 0; i < MB; ++i) {
+            Vec xv = Vec::loadu(x + i * ldx + k);
+            for (int j = 0; j < NB; ++j) acc[i][j] = at::vec::fmadd(xv, wv[j], acc[i][j]);
+        }
+    }
+    if (full < K) {  // the tail of the shared axis: partial loads fill the other lanes with zeros
+        const int64_t rest = K - full;
+        Vec wv[NB];
+        for (int j = 0; j < NB; ++j) wv[j] = Vec::loadu(w + j * K + full, rest);
+        for (int i = 0; i < MB; ++i) {
+            Vec xv = Vec::loadu(x + i * ldx + full, rest);
+            for (int j = 0; j < NB; ++j) acc[i][j] = at::vec::fmadd(xv, wv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MB; ++i)
+        for (int j = 0; j < NB; ++j)
+            out[i * ldo + j] = (bias ? bias[j] : 0.f) +
+                at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc[i][j]);
+}
+
+template <int NB>
+static inline void weight_block(const float* x, const float* w, const float* bias, float* out, int64_t M,
+                                int64_t K, int64_t ldx, int64_t ldo) {
+    int64_t i = 0;
+    for (; i + 2 <= M; i += 2) tile<2, NB>(x + i * ldx, w, bias, out + i * ldo, K, ldx, ldo);
+    if (i < M) tile<1, NB>(x + i * ldx, w, bias, out + i * ldo, K, ldx, ldo);
+}
+
+extern "C" void kernel(const float* x, const float* w, uintptr_t bias_ptr, float* out, int64_t M, int64_t N,
+                       int64_t K, int64_t ldx, int64_t ldo) {
+    constexpr int64_t NB = 4;
+    const float* bias = reinterpret_cast<const float*>(bias_ptr);
+    const int64_t blocks = N / NB;
+    #pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b)
+        weight_block<NB>(x, w + b * NB * K, bias ? bias + b * NB : nullptr, out + b * NB, M, K, ldx, ldo);
+    for (int64_t j = blocks * NB; j < N; ++j)
+        weight_block<1>(x, w + j * K, bias ? bias + j : nullptr, out + j, M, K, ldx, ldo);
+}
+"""
+_ARGTYPES = ["const float*", "const float*", "uintptr_t", "float*"] + ["int64_t"] * 5
+
+
+@functools.cache
+def _kernel():
+    """The compiled kernel, or None (with one warning) where it cannot be built: callers take another GEMM."""
+    try:
+        from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+        return CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, _SOURCE)
+    except Exception as e:  # no C++ compiler, or an Inductor without this API
+        warnings.warn(f"dyllm: the few-rows CPU GEMM could not be compiled ({type(e).__name__}: {e}); "
+                      "sparse steps use oneDNN instead (slower). Inductor's CPU backend needs a C++ compiler.")
+        return None
+
+
+def available() -> bool:
+    """Whether the kernel is built (compiles it at the first call, a few seconds, then from Inductor's cache)."""
+    return _kernel() is not None
+
+
+def supported(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """Whether `row_gemm` takes these operands: fp32 on the CPU, the weight and bias contiguous, the input's rows
+    contiguous (any row stride)."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.dim() == 2
+            and weight.is_contiguous() and x.dim() == 2 and x.stride(1) == 1 and x.shape[1] == weight.shape[1]
+            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+            and weight.device.type == "cpu")
+
+
+def row_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
+    """Writes `F.linear(x, weight, bias)` into `out` (`[M, N]`, rows contiguous, any row stride: a column slice of
+    a wider output) and returns it. `x` is `[M, K]`; see `supported` for what it takes."""
+    M, K = x.shape
+    N = weight.shape[0]
+    if out.shape != (M, N) or out.stride(1) != 1 or out.dtype != torch.float32:
+        raise ValueError(f"row_gemm: out must be a float32 [{M}, {N}] tensor with contiguous rows")
+    if M and N:
+        _kernel()(x, weight, 0 if bias is None else bias.data_ptr(), out, M, N, K, x.stride(0), out.stride(0))
+    return out
