@@ -78,13 +78,10 @@ def _packed_linear_cpu(x: Tensor, weights: list[Tensor], biases: list[Optional[T
     n = sum(w.shape[0] for w in weights)
     if flat.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], n)
-    if flat.shape[0] <= FEW_ROWS and all(row_gemm.supported(flat, w, b) for w, b in zip(weights, biases)) \
-            and row_gemm.available():
-        out, start = flat.new_empty(flat.shape[0], n), 0
-        for w, b in zip(weights, biases):
-            row_gemm.row_gemm(flat, w, b, out[:, start:start + w.shape[0]])
-            start += w.shape[0]
-        return out.view(*x.shape[:-1], n)
+    if flat.shape[0] <= FEW_ROWS:
+        out = row_gemm.linears(flat, weights, biases)
+        if out is not None:
+            return out.view(*x.shape[:-1], n)
     if not _ONEDNN or x.dtype != torch.float32 or any(w.dtype != torch.float32 for w in weights):
         return _plain(x, weights, biases)
     packed, bias = packed_weights(weights, biases)

@@ -3,9 +3,9 @@
 At a sparse step a gated linear runs on a handful of rows, and its time is reading the weight. BLAS GEMMs are
 built for many rows: MKL repacks the weight on every call and oneDNN's packed GEMM (and its fixed cost per call)
 took 2-3x the time of one read of the weight at 4-16 rows (`benchmarks/gemm_floor.py`). This kernel streams
-each weight row once: a thread takes blocks of 4 weight rows, and for every pair of input rows (held in L1)
-accumulates the 8 dot products in vector registers over the shared axis, then reduces each to one output. It reads
-the weight as it is, so no packed copy is kept.
+each weight row once: a thread takes blocks of 5 weight rows, and for every pair of input rows (held in L1)
+accumulates the 10 dot products in vector registers over the shared axis (10 independent FMA chains, 16 vector
+registers in all with AVX2), then reduces each to one output. It reads the weight as it is: no packed copy.
 
 Each output element is one dot product in a fixed summation order, whatever the other rows of the call: a row's
 result does not depend on how many rows share its call (batch invariant). The order is not BLAS's, so results
@@ -65,10 +65,11 @@ static inline void weight_block(const float* x, const float* w, const float* bia
     if (i < M) tile<1, NB>(x + i * ldx, w, bias, out + i * ldo, K, ldx, ldo);
 }
 
-extern "C" void kernel(const float* x, const float* w, uintptr_t bias_ptr, float* out, int64_t M, int64_t N,
+extern "C" void kernel(const float* x, const float* w, uintptr_t bias_ptr, uintptr_t out_ptr, int64_t M, int64_t N,
                        int64_t K, int64_t ldx, int64_t ldo) {
-    constexpr int64_t NB = 4;
+    constexpr int64_t NB = 5;
     const float* bias = reinterpret_cast<const float*>(bias_ptr);
+    float* out = reinterpret_cast<float*>(out_ptr);
     const int64_t blocks = N / NB;
     #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; ++b)
@@ -77,7 +78,7 @@ extern "C" void kernel(const float* x, const float* w, uintptr_t bias_ptr, float
         weight_block<1>(x, w + j * K, bias ? bias + j : nullptr, out + j, M, K, ldx, ldo);
 }
 """
-_ARGTYPES = ["const float*", "const float*", "uintptr_t", "float*"] + ["int64_t"] * 5
+_ARGTYPES = ["const float*", "const float*", "uintptr_t", "uintptr_t"] + ["int64_t"] * 5
 
 
 @functools.cache
@@ -101,10 +102,14 @@ def available() -> bool:
 def supported(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """Whether `row_gemm` takes these operands: fp32 on the CPU, the weight and bias contiguous, the input's rows
     contiguous (any row stride)."""
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.dim() == 2
-            and weight.is_contiguous() and x.dim() == 2 and x.stride(1) == 1 and x.shape[1] == weight.shape[1]
-            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
-            and weight.device.type == "cpu")
+    return (x.is_cpu and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1
+            and _takes(weight, bias, x.shape[1]))
+
+
+def _takes(weight: Tensor, bias: Optional[Tensor], k: int) -> bool:
+    return (weight.is_cpu and weight.dtype == torch.float32 and weight.dim() == 2 and weight.shape[1] == k
+            and weight.is_contiguous()
+            and (bias is None or (bias.dtype == torch.float32 and bias.is_cpu and bias.is_contiguous())))
 
 
 def row_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
@@ -114,6 +119,35 @@ def row_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor) -> 
     N = weight.shape[0]
     if out.shape != (M, N) or out.stride(1) != 1 or out.dtype != torch.float32:
         raise ValueError(f"row_gemm: out must be a float32 [{M}, {N}] tensor with contiguous rows")
-    if M and N:
-        _kernel()(x, weight, 0 if bias is None else bias.data_ptr(), out, M, N, K, x.stride(0), out.stride(0))
+    _run(x, weight, bias, out.data_ptr(), out.stride(0))
     return out
+
+
+def linears(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]]) -> Optional[Tensor]:
+    """`cat([F.linear(x, w, b), ...], -1)` for a 2-D `x`, each weight written into its columns of one output; None
+    where an operand is not what the kernel takes or it is not built (the caller takes another GEMM)."""
+    if not (x.is_cpu and x.dtype == torch.float32 and x.stride(1) == 1):
+        return None
+    k = x.shape[1]
+    if not all(_takes(w, b, k) for w, b in zip(weights, biases)) or _kernel() is None:
+        return None
+    n = sum(w.shape[0] for w in weights)
+    out = x.new_empty(x.shape[0], n)
+    ptr = out.data_ptr()
+    for w, b in zip(weights, biases):
+        _run(x, w, b, ptr, n)
+        ptr += 4 * w.shape[0]
+    return out
+
+
+def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_ptr: int, ldo: int) -> None:
+    M, K = x.shape
+    N = weight.shape[0]
+    if not (M and N):
+        return
+    args = (x, weight, 0 if bias is None else bias.data_ptr(), out_ptr, M, N, K, x.stride(0), ldo)
+    if torch.autograd.profiler._is_profiler_enabled:  # a named event for benchmarks/profile_step.py
+        with torch.profiler.record_function("dyllm::row_gemm"):
+            _kernel()(*args)
+    else:
+        _kernel()(*args)

@@ -67,6 +67,13 @@ def test_row_gemm_refuses_what_it_cannot_take():
         row_gemm.row_gemm(x, w, None, torch.empty(3, 5))
 
 
+def test_row_gemm_is_a_named_event_under_the_profiler():
+    """`benchmarks/profile_step.py` counts it with the GEMMs."""
+    with torch.profiler.profile() as prof:
+        ops.packed_linear(torch.randn(3, 8), [torch.randn(5, 8)], [None])
+    assert "dyllm::row_gemm" in {e.key for e in prof.key_averages()}
+
+
 def test_without_the_compiled_kernel_the_few_rows_take_onednn_with_one_warning(monkeypatch):
     from torch._inductor.codecache import CppPythonBindingsCodeCache
 
