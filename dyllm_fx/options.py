@@ -25,10 +25,11 @@ class Options:
     `compact_rows`: run each gated region on its rows alone (data-dependent sizes: the CPU path) instead of
     on full-size tensors under a row mask (static shapes, no host synchronisation: the GPU path); None: True
     on CPU, False on GPU.
-    `packed_weights`: on the compact path, gated linears run oneDNN on a prepacked copy of their weight
-    (`kernels/packed_linear.py`): faster at a sparse step's few rows on CPU (README), one more copy of
-    those weights in memory, results off `F.linear`'s by fp32 rounding; None: on below tau = 1.0 (at 1.0 the
-    rewritten model reproduces the original bit for bit on CPU).
+    `packed_weights`: on the compact path, gated linears run `packed_linear` instead of `F.linear`: our C++ GEMM
+    on a sparse step's few rows, oneDNN on a prepacked copy of their weight beyond (`kernels/packed_linear.py`):
+    faster at a sparse step's few rows on CPU (README), one more copy of those weights in memory, results off
+    `F.linear`'s by fp32 rounding; None: on below tau = 1.0 (at 1.0 the rewritten model reproduces the original
+    bit for bit on CPU).
     `split_layers`: with Inductor, compile the rewritten graph in segments cut at the attentions, each distinct
     segment once (`dyllm_fx/lowering.py`: identical layers share one compile; README "Compile time"); False
     compiles it whole."""

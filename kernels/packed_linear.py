@@ -31,7 +31,8 @@ from . import row_gemm
 # first weight -> (weakrefs to the group's weights and biases, their versions, packed weight, concatenated bias)
 _PACKED = WeakTensorKeyDictionary()
 PACK_ROWS_HINT = 16  # the row count oneDNN chooses its packed layout for
-# up to this many rows `row_gemm`; at 32 rows it was as fast as oneDNN on SmolLM2's linears, and faster below
+# up to this many rows `row_gemm`: a sparse step's regions, mostly 2-8 rows on the default model, run faster
+# on it than on oneDNN (README, "Where the time goes")
 FEW_ROWS = 32
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
