@@ -115,10 +115,15 @@ def _takes(weight: Tensor, bias: Optional[Tensor], k: int) -> bool:
 def row_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
     """Writes `F.linear(x, weight, bias)` into `out` (`[M, N]`, rows contiguous, any row stride: a column slice of
     a wider output) and returns it. `x` is `[M, K]`; see `supported` for what it takes."""
+    if not supported(x, weight, bias):
+        raise ValueError("row_gemm takes fp32 CPU tensors: x [M, K] with contiguous rows, a contiguous weight [N, K] "
+                         "and bias [N] (use F.linear otherwise)")
     M, K = x.shape
     N = weight.shape[0]
     if out.shape != (M, N) or out.stride(1) != 1 or out.dtype != torch.float32:
         raise ValueError(f"row_gemm: out must be a float32 [{M}, {N}] tensor with contiguous rows")
+    if not available():
+        raise RuntimeError("row_gemm: the kernel could not be compiled (see the warning above); use F.linear")
     _run(x, weight, bias, out.data_ptr(), out.stride(0))
     return out
 

@@ -65,6 +65,8 @@ def test_row_gemm_refuses_what_it_cannot_take():
     assert not row_gemm.supported(x.t().contiguous().t(), w, None)  # columns not contiguous
     with pytest.raises(ValueError, match="out must be"):
         row_gemm.row_gemm(x, w, None, torch.empty(3, 5))
+    with pytest.raises(ValueError, match="fp32 CPU tensors"):
+        row_gemm.row_gemm(x.double(), w.double(), None, torch.empty(3, 4))
 
 
 def test_row_gemm_is_a_named_event_under_the_profiler():
