@@ -14,6 +14,7 @@ import torch
 from torch import fx, nn
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from dyllm_fx.kernels import row_gemm
 from dyllm_fx.lowering import SegmentedGraph
 from dyllm_fx.options import Options
 from dyllm_fx.outputs import owned
@@ -240,6 +241,8 @@ class CompiledGraph:
         if packed:
             self.report.packed_bytes = _packed_bytes(self.linears)
             self.report.grouped_linears = group_shared_input_linears(rewritten)
+            if device.type == "cpu":
+                row_gemm.available()  # builds the few-rows GEMM now (seconds, once), not at the first sparse step
         others = [i for i, (n, e) in enumerate(zip(placeholders, example_inputs))
                   if i != token_index and _is_user_input(n, e)]
         self.state = SequenceState(result.buffers, device, self.options, token_index, others)

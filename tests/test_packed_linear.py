@@ -150,6 +150,17 @@ def test_gated_linears_use_packed_weights_below_tau_one(tau, packed_weights, exp
     assert other not in [n.target for n in graph.rewritten.graph.nodes]
 
 
+def test_the_few_rows_gemm_is_built_with_the_graph_not_at_the_first_sparse_step():
+    torch._dynamo.reset()
+    row_gemm._kernel.cache_clear()
+    model = llada_like(hidden_size=16, num_layers=2, num_heads=2, head_dim=8, vocab_size=53)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, policy="full", lowering="eager"),
+                             dynamic=False)
+    with torch.no_grad():
+        compiled(torch.randint(0, 50, (2, packed.FEW_ROWS)))  # a dense step: more rows than row_gemm takes
+    assert row_gemm._kernel.cache_info().currsize == 1 and row_gemm.available()
+
+
 def test_linears_reading_the_same_rows_are_one_call():
     torch._dynamo.reset()
     model = llada_like(hidden_size=16, num_layers=2, num_heads=2, head_dim=8, vocab_size=53)
