@@ -45,8 +45,9 @@ def triton_on_cpu(enabled: bool = True):
     if enabled and not interpreted():
         raise RuntimeError("triton_on_cpu needs the Triton interpreter: set TRITON_INTERPRET=1 in the environment "
                            "before importing torch/triton")
-    if enabled and _interpreter_problem():
-        raise RuntimeError(_interpreter_problem())
+    problem = _interpreter_problem() if enabled else None
+    if problem:
+        raise RuntimeError(problem)
     previous, _TRITON_ON_CPU = _TRITON_ON_CPU, enabled
     try:
         yield

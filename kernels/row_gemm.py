@@ -14,6 +14,7 @@ differ from `F.linear` by fp32 rounding.
 The C++ below is compiled once per process (and cached on disk) by Inductor's C++ toolchain, the one that compiles
 Inductor's own CPU kernels; `at::vec::Vectorized` picks the machine's vector ISA.
 """
+import contextlib
 import functools
 import warnings
 from typing import Optional
@@ -26,6 +27,18 @@ _SOURCE = r"""
 
 using Vec = at::vec::Vectorized<float>;
 
+// acc[i][j] += x[i, k:k+count] . w[j, k:k+count]; a partial load (count < Vec::size()) fills the other lanes with 0
+template <int MB, int NB>
+static inline void accumulate(Vec (&acc)[MB][NB], const float* x, const float* w, int64_t k, int64_t count,
+                              int64_t K, int64_t ldx) {
+    Vec wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = Vec::loadu(w + j * K + k, count);
+    for (int i = 0; i < MB; ++i) {
+        Vec xv = Vec::loadu(x + i * ldx + k, count);
+        for (int j = 0; j < NB; ++j) acc[i][j] = at::vec::fmadd(xv, wv[j], acc[i][j]);
+    }
+}
+
 // out[i, j] = bias[j] + sum_k x[i, k] * w[j, k] for MB rows of x and NB rows of w
 template <int MB, int NB>
 static inline void tile(const float* x, const float* w, const float* bias, float* out, int64_t K, int64_t ldx,
@@ -34,23 +47,8 @@ static inline void tile(const float* x, const float* w, const float* bias, float
     for (int i = 0; i < MB; ++i)
         for (int j = 0; j < NB; ++j) acc[i][j] = Vec(0.f);
     const int64_t full = K - K % Vec::size();
-    for (int64_t k = 0; k < full; k += Vec::size()) {
-        Vec wv[NB];
-        for (int j = 0; j < NB; ++j) wv[j] = Vec::loadu(w + j * K + k);
-        for (int i = 0; i < MB; ++i) {
-            Vec xv = Vec::loadu(x + i * ldx + k);
-            for (int j = 0; j < NB; ++j) acc[i][j] = at::vec::fmadd(xv, wv[j], acc[i][j]);
-        }
-    }
-    if (full < K) {  // the tail of the shared axis: partial loads fill the other lanes with zeros
-        const int64_t rest = K - full;
-        Vec wv[NB];
-        for (int j = 0; j < NB; ++j) wv[j] = Vec::loadu(w + j * K + full, rest);
-        for (int i = 0; i < MB; ++i) {
-            Vec xv = Vec::loadu(x + i * ldx + full, rest);
-            for (int j = 0; j < NB; ++j) acc[i][j] = at::vec::fmadd(xv, wv[j], acc[i][j]);
-        }
-    }
+    for (int64_t k = 0; k < full; k += Vec::size()) accumulate<MB, NB>(acc, x, w, k, Vec::size(), K, ldx);
+    if (full < K) accumulate<MB, NB>(acc, x, w, full, K - full, K, ldx);  // the tail of the shared axis
     for (int i = 0; i < MB; ++i)
         for (int j = 0; j < NB; ++j)
             out[i * ldo + j] = (bias ? bias[j] : 0.f) +
@@ -102,8 +100,11 @@ def available() -> bool:
 def supported(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """Whether `row_gemm` takes these operands: fp32 on the CPU, the weight and bias contiguous, the input's rows
     contiguous (any row stride)."""
-    return (x.is_cpu and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1
-            and _takes(weight, bias, x.shape[1]))
+    return _takes_input(x) and _takes(weight, bias, x.shape[1])
+
+
+def _takes_input(x: Tensor) -> bool:
+    return x.is_cpu and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1
 
 
 def _takes(weight: Tensor, bias: Optional[Tensor], k: int) -> bool:
@@ -131,10 +132,8 @@ def row_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor) -> 
 def linears(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]]) -> Optional[Tensor]:
     """`cat([F.linear(x, w, b), ...], -1)` for a 2-D `x`, each weight written into its columns of one output; None
     where an operand is not what the kernel takes or it is not built (the caller takes another GEMM)."""
-    if not (x.is_cpu and x.dtype == torch.float32 and x.stride(1) == 1):
-        return None
-    k = x.shape[1]
-    if not all(_takes(w, b, k) for w, b in zip(weights, biases)) or _kernel() is None:
+    if not _takes_input(x) or not all(_takes(w, b, x.shape[1]) for w, b in zip(weights, biases)) \
+            or _kernel() is None:
         return None
     n = sum(w.shape[0] for w in weights)
     out = x.new_empty(x.shape[0], n)
@@ -151,8 +150,7 @@ def _run(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_ptr: int, ldo: i
     if not (M and N):
         return
     args = (x, weight, 0 if bias is None else bias.data_ptr(), out_ptr, M, N, K, x.stride(0), ldo)
-    if torch.autograd.profiler._is_profiler_enabled:  # a named event for benchmarks/profile_step.py
-        with torch.profiler.record_function("dyllm::row_gemm"):
-            _kernel()(*args)
-    else:
+    # a named event for benchmarks/profile_step.py, only while profiling (record_function is an op call itself)
+    profiling = torch.autograd.profiler._is_profiler_enabled
+    with torch.profiler.record_function("dyllm::row_gemm") if profiling else contextlib.nullcontext():
         _kernel()(*args)

@@ -14,5 +14,6 @@ def pytest_terminal_summary(terminalreporter):
     if os.environ.get("TRITON_INTERPRET") == "1":
         from dyllm_fx.kernels.dispatch import _interpreter_problem
 
-        if _interpreter_problem():
-            terminalreporter.write_line(f"the Triton kernel tests cannot pass here: {_interpreter_problem()}", red=True)
+        problem = _interpreter_problem()
+        if problem:
+            terminalreporter.write_line(f"the Triton kernel tests cannot pass here: {problem}", red=True)
