@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from dyllm_fx.kernels import row_gemm
+from dyllm_fx.kernels import attention_step_cpp, row_gemm
 from dyllm_fx.lowering import SegmentedGraph
 from dyllm_fx.options import Options
 from dyllm_fx.outputs import owned
@@ -232,8 +232,11 @@ class CompiledGraph:
         r_linears = plan_linears(rewritten, r_analysis, r_sites, self.options.policy)
         device = example_inputs[token_index].device
         self.compact, packed = self.options.compact(device), self.options.packed(device)
+        # builds the C++ attention step now (seconds, once per process), not at the first sparse step
+        cpp_attention = self.compact and device.type == "cpu" and attention_step_cpp.available()
         result = SaliencyRewrite(rewritten, r_analysis, r_sites, r_linears, self.options.tau,
-                                 self.options.exact_below(device), self.compact, packed).run()
+                                 self.options.exact_below(device, cpp_attention), self.compact, packed,
+                                 cpp_attention).run()
         self.report.cache_points = result.cache_points
         if not self.compact:
             self.report.fused_pairs = fuse_gated_pairs(rewritten)

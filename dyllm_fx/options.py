@@ -20,8 +20,10 @@ class Options:
     `prompt_period` steps, and detects a new sequence when a non-mask token changes.
     `exact_attention_below`: up to this key length, attention recomputes every query row exactly (one
     SDPA call) instead of the incremental update (exact rows for the changed ones, the changed keys' terms for
-    the others); None: 1024 on CPU (README: at 320 tokens both forms took the same time, and the incremental
-    one's graph compiles 2.6x slower), 0 on GPU.
+    the others); None: on CPU, 0 below tau = 1.0 where the incremental step's C++ kernel is built
+    (`kernels/attention_step_cpp.py`), else 1024 (at tau = 1.0 the SDPA form reproduces the model bit for
+    bit; as torch ops the incremental form took as long as SDPA at 320 tokens and compiled 2.6x slower,
+    README); 0 on GPU.
     `compact_rows`: run each gated region on its rows alone (data-dependent sizes: the CPU path) instead of
     on full-size tensors under a row mask (static shapes, no host synchronisation: the GPU path); None: True
     on CPU, False on GPU.
@@ -75,10 +77,13 @@ class Options:
         if isinstance(self.prompt_period, bool) or not isinstance(self.prompt_period, int) or self.prompt_period < 1:
             bad("prompt_period", "must be an int >= 1")
 
-    def exact_below(self, device) -> int:
+    def exact_below(self, device, cpp_attention: bool = False) -> int:
+        """`cpp_attention`: whether the incremental step's C++ kernel is built (CPU)."""
         if self.exact_attention_below is not None:
             return self.exact_attention_below
-        return EXACT_ATTENTION_BELOW_CPU if torch.device(device).type == "cpu" else 0
+        if torch.device(device).type != "cpu" or (cpp_attention and self.tau < 1.0):
+            return 0
+        return EXACT_ATTENTION_BELOW_CPU
 
     def compact(self, device) -> bool:
         if self.compact_rows is not None:

@@ -1,5 +1,6 @@
 """Custom ops on rows (`torch.ops.dyllm.*`): each with a fake impl and a plain-torch reference."""
 if __name__ == "dyllm_fx.kernels":
+    from . import attention_step_cpp  # noqa: F401  (registers torch.ops.dyllm.attention_step)
     from .compact_rows import select_rows
     from .delta_attention import delta_attention
     from . import packed_linear  # noqa: F401  (registers torch.ops.dyllm.packed_linear)

@@ -11,16 +11,15 @@ Each output element is one dot product in a fixed summation order, whatever the 
 result does not depend on how many rows share its call (batch invariant). The order is not BLAS's, so results
 differ from `F.linear` by fp32 rounding.
 
-The C++ below is compiled once per process (and cached on disk) by Inductor's C++ toolchain, the one that compiles
-Inductor's own CPU kernels; `at::vec::Vectorized` picks the machine's vector ISA.
+The C++ below is compiled once per process (and cached on disk) by Inductor's C++ toolchain (`cpp_build.py`).
 """
 import contextlib
-import functools
-import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from . import cpp_build
 
 _SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
@@ -79,17 +78,9 @@ extern "C" void kernel(const float* x, const float* w, uintptr_t bias_ptr, uintp
 _ARGTYPES = ["const float*", "const float*", "uintptr_t", "uintptr_t"] + ["int64_t"] * 5
 
 
-@functools.cache
 def _kernel():
     """The compiled kernel, or None (with one warning) where it cannot be built: callers take another GEMM."""
-    try:
-        from torch._inductor.codecache import CppPythonBindingsCodeCache
-
-        return CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, _SOURCE)
-    except Exception as e:  # no C++ compiler, or an Inductor without this API
-        warnings.warn(f"dyllm: the few-rows CPU GEMM could not be compiled ({type(e).__name__}: {e}); "
-                      "sparse steps use oneDNN instead (slower). Inductor's CPU backend needs a C++ compiler.")
-        return None
+    return cpp_build.load("row_gemm", _ARGTYPES, _SOURCE, "sparse steps use oneDNN")
 
 
 def available() -> bool:

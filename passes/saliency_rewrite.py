@@ -34,6 +34,7 @@ from .token_axis import TokenAxisAnalysis, tensor_meta
 ops = torch.ops.dyllm
 # how an attention's sparse step is computed (`RewriteResult.attention`, shown by `dyllm_fx.explain`)
 EVERY_ROW_EXACT, INCREMENTAL, DELTA_OP = "every row exact (SDPA, in graph)", "incremental (in graph)", "delta_attention op"
+INCREMENTAL_CPP = "incremental (attention_step, one C++ call)"
 HEADS_INNER = (0, 2, 1, 3)  # memory order of a [B, H, L, D] cache stored [B, L, H, D] (rows outer), as SDPA returns it
 
 
@@ -59,9 +60,10 @@ class RewriteResult:
 class SaliencyRewrite:
     def __init__(self, gm: fx.GraphModule, analysis: TokenAxisAnalysis, sites: list[AttentionSite],
                  linears: list[LinearSite], tau: float, exact_below: int, compact: bool = False,
-                 packed: bool = False):
+                 packed: bool = False, cpp_attention: bool = False):
         self.gm, self.graph, self.analysis = gm, gm.graph, analysis
         self.sites, self.tau, self.exact_below = [s for s in sites if s.supported], tau, exact_below
+        self.cpp_attention = cpp_attention  # compact path: the incremental step as `attention_step` (CPU, built)
         self.n_sites = len(sites)  # stats rows are indexed by site index, supported or not
         self.gated = {l.node: l.region for l in linears if l.region is not None}
         self.result = RewriteResult()
@@ -234,10 +236,19 @@ class SaliencyRewrite:
         self.writes.add(step)
 
     def _incremental_attention(self, site: AttentionSite, q, k, v, mask, kv_rows) -> None:
-        """Exact rows and the incremental update over the changed columns, traced into the graph (its K/V caches
-        hold the previous step's K/V, the old terms)."""
-        self.result.attention[site.index] = INCREMENTAL
-        step = self._replace_attention(site, incremental_attention_step, (
+        """Exact rows and the incremental update over the changed columns: one `attention_step` call (C++), or
+        traced into the graph as torch ops. Its K/V caches hold the previous step's K/V, the old terms."""
+        if kv_rows is self.rows[-1]:  # layer 0: its changed keys are the changed input rows, always_rows too
+            # a node of its own, so that the layer's segment reads the inputs of the others (`lowering.py` compiles
+            # identical segments once)
+            with self.graph.inserting_before(site.output):
+                kv_rows = self.graph.call_function(torch.clone, (kv_rows,))
+            kv_rows.meta["example_value"] = tensor_meta(self.rows[-1])
+        if self.cpp_attention and all(tensor_meta(t).dtype == torch.float32 for t in (site.q, site.k, site.v)):
+            self.result.attention[site.index], target = INCREMENTAL_CPP, ops.attention_step.default
+        else:
+            self.result.attention[site.index], target = INCREMENTAL, incremental_attention_step
+        step = self._replace_attention(site, target, (
             q, k, v, mask, kv_rows, self.query_rows, self.rows[-1], self.dense, *self._attention_caches(site),
             self._stats_row(site.index), site.scale, self.tau))
         self.writes.add(step)

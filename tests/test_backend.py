@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import dyllm_fx
 from dyllm_fx.models import dream_like, llada_like, tiny_dllm
 from trajectories import left_padded, left_to_right, logits_of, rows_seen_by_gated_linears, run_both, trajectory
-from dyllm_fx.passes.saliency_rewrite import DELTA_OP, EVERY_ROW_EXACT, INCREMENTAL
+from dyllm_fx.passes.saliency_rewrite import DELTA_OP, EVERY_ROW_EXACT, INCREMENTAL_CPP
 from dyllm_fx.report import where
 
 FAST = dict(lowering="eager", dense_steps=1)
@@ -403,9 +403,9 @@ def test_explain_reports_rewrite_and_fallback_and_leaves_compiled_models_alone()
     assert report.fallback is None and [s.supported for s in report.sites] == [True, True]
     text = str(report)
     assert text.count("delta attention") == 2 and "saliency of attention 0" in text and "KiB per token" in text
-    assert report.attention == {0: EVERY_ROW_EXACT, 1: EVERY_ROW_EXACT}
-    (incremental,) = dyllm_fx.explain(model, ids, options=dict(exact_attention_below=0))
-    assert set(incremental.attention.values()) == {INCREMENTAL}
+    assert report.attention == {0: INCREMENTAL_CPP, 1: INCREMENTAL_CPP}
+    (exact,) = dyllm_fx.explain(model, ids, options=dict(exact_attention_below=256))
+    assert set(exact.attention.values()) == {EVERY_ROW_EXACT}
     (masked,) = dyllm_fx.explain(model, ids, options=dict(compact_rows=False))
     assert set(masked.attention.values()) == {DELTA_OP}
     with torch.no_grad():

@@ -92,8 +92,8 @@ def test_compact_regions_run_their_pointwise_ops_on_the_rows_alone():
     nodes = list(graph.rewritten.graph.nodes)
     targets = [n.target for n in nodes]
     assert ops.sparse_rows_linear.default not in targets and ops.row_update_.default not in targets
-    # short sequences: attention is the in-graph one-SDPA step, not the custom op
-    assert ops.delta_attention.default not in targets and targets.count(exact_attention_step) == 2
+    # below tau = 1 on CPU: attention is the C++ step, not the masked path's op
+    assert ops.delta_attention.default not in targets and targets.count(ops.attention_step.default) == 2
     linear = ops.packed_linear.default  # below tau = 1 (tests/test_packed_linear.py)
     gated = [n for n in nodes if n.target is linear]
     assert sum(len(n.args[1]) for n in gated) == sum(l.region is not None for l in graph.linears) > 0

@@ -1,11 +1,17 @@
-"""The compact path's in-graph attention step (`kernels/incremental_attention.py`) against full attention."""
+"""The compact path's attention step against full attention: traced into the graph as torch ops
+(`kernels/incremental_attention.py`) and as one C++ call (`kernels/attention_step_cpp.py`), same contract."""
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from dyllm_fx.kernels import attention_step_cpp
 from dyllm_fx.kernels.compact_rows import select_rows_per_sequence
 from dyllm_fx.kernels.incremental_attention import incremental_attention_step
+
+STEPS = pytest.mark.parametrize("step", [incremental_attention_step, torch.ops.dyllm.attention_step.default],
+                                ids=["torch", "cpp"])
 
 
 def sdpa(q, k, v, mask, scale):
@@ -41,11 +47,12 @@ def _mask(kind, B, L, gen):
     return keep if kind == "bool" else torch.zeros(B, 1, L, L).masked_fill(~keep, -1e9)
 
 
+@STEPS
 @settings(max_examples=40, deadline=None)
-@given(B=st.integers(1, 3), Hk=st.integers(1, 2), g=st.integers(1, 3), L=st.integers(2, 10),
-       D=st.sampled_from([3, 4, 8]), mask_kind=st.sampled_from([None, "additive", "bool"]),
+@given(B=st.integers(1, 3), Hk=st.integers(1, 2), g=st.integers(1, 3), L=st.integers(2, 19),
+       D=st.sampled_from([3, 4, 8, 20, 70]), mask_kind=st.sampled_from([None, "additive", "bool"]),
        seed=st.integers(0, 999), steps=st.integers(1, 4), p=st.sampled_from([0.0, 0.2, 0.5, 1.0]))
-def test_every_step_equals_full_attention(B, Hk, g, L, D, mask_kind, seed, steps, p):
+def test_every_step_equals_full_attention(step, B, Hk, g, L, D, mask_kind, seed, steps, p):
     """Q, K and V change on a few rows per step (as a gated layer's do): every row's context equals full
     attention over the current Q/K/V, and only the changed rows (and cancelling ones) are exact."""
     gen = torch.Generator().manual_seed(seed)
@@ -55,7 +62,7 @@ def test_every_step_equals_full_attention(B, Hk, g, L, D, mask_kind, seed, steps
     mask = _mask(mask_kind, B, L, gen)
     layer = Layer(B, H, Hk, L, D, scale)
     everyone = torch.ones(B, L, dtype=torch.bool)
-    out, salient = layer(q, k, v, mask, everyone, dense=True)
+    out, salient = layer(q, k, v, mask, everyone, dense=True, step=step)
     assert torch.allclose(out, sdpa(q, k, v, mask, scale), atol=1e-5) and salient.all()
     assert layer.counts == dict(salient=B * L, exact=B * L, incremental=0, query=B * L)
     for _ in range(steps):
@@ -63,7 +70,7 @@ def test_every_step_equals_full_attention(B, Hk, g, L, D, mask_kind, seed, steps
         q = torch.where(rows[:, None, :, None], torch.randn(B, H, L, D, generator=gen), q)
         k = torch.where(rows[:, None, :, None], torch.randn(B, Hk, L, D, generator=gen), k)
         v = torch.where(rows[:, None, :, None], torch.randn(B, Hk, L, D, generator=gen), v)
-        out, salient = layer(q, k, v, mask, rows)
+        out, salient = layer(q, k, v, mask, rows, step=step)
         assert torch.allclose(out, sdpa(q, k, v, mask, scale), atol=1e-4)
         counts = layer.counts
         assert counts["exact"] >= int(rows.sum())
@@ -72,7 +79,8 @@ def test_every_step_equals_full_attention(B, Hk, g, L, D, mask_kind, seed, steps
             assert not salient.any() and counts["exact"] == 0
 
 
-def test_cancelling_rows_are_recomputed_exactly():
+@STEPS
+def test_cancelling_rows_are_recomputed_exactly(step):
     """A changed key that held nearly all of every row's attention mass: every row takes the exact path."""
     B, H, L, D = 1, 1, 6, 4
     q = torch.zeros(B, H, L, D)
@@ -81,17 +89,18 @@ def test_cancelling_rows_are_recomputed_exactly():
     k[0, 0, 2, 0] = 5.0
     v = torch.randn(B, H, L, D)
     layer = Layer(B, H, H, L, D, 1.0)
-    layer(q, k, v, None, torch.ones(B, L, dtype=torch.bool), dense=True)
+    layer(q, k, v, None, torch.ones(B, L, dtype=torch.bool), dense=True, step=step)
     rows = torch.zeros(B, L, dtype=torch.bool)
     rows[0, 2] = True
     k2 = k.clone()
     k2[0, 0, 2, 0] = -5.0
-    out, _ = layer(q, k2, v, None, rows)
+    out, _ = layer(q, k2, v, None, rows, step=step)
     assert layer.counts["exact"] == L and layer.counts["incremental"] == 0
     assert torch.allclose(out, sdpa(q, k2, v, None, 1.0), atol=1e-5)
 
 
-def test_a_row_left_out_of_the_query_rows_is_exact_when_queried_again():
+@STEPS
+def test_a_row_left_out_of_the_query_rows_is_exact_when_queried_again(step):
     """Outside `query_rows` a row keeps its context while keys change; the next step that queries it must not
     apply only that step's changes to the stale context."""
     B, H, L, D = 1, 2, 6, 4
@@ -99,7 +108,7 @@ def test_a_row_left_out_of_the_query_rows_is_exact_when_queried_again():
     q, k, v = (torch.randn(B, H, L, D, generator=gen) for _ in range(3))
     layer = Layer(B, H, H, L, D, 0.5, tau=0.99)
     everyone = torch.ones(B, L, dtype=torch.bool)
-    layer(q, k, v, None, everyone, dense=True)
+    layer(q, k, v, None, everyone, dense=True, step=step)
     rows = torch.zeros(B, L, dtype=torch.bool)
     rows[0, 1] = True
     query = everyone.clone()
@@ -108,14 +117,14 @@ def test_a_row_left_out_of_the_query_rows_is_exact_when_queried_again():
     k1[0, :, 1] += 3.0
     v1[0, :, 1] += 100.0
     before = layer.caches[2][0, :, 4].clone()
-    out, salient = layer(q, k1, v1, None, rows, query=query)
+    out, salient = layer(q, k1, v1, None, rows, query=query, step=step)
     assert torch.equal(out[0, :, 4], before) and not salient[0, 4]
     assert torch.allclose(out[0, :, :4], sdpa(q, k1, v1, None, 0.5)[0, :, :4], atol=1e-5)
     rows2 = torch.zeros(B, L, dtype=torch.bool)
     rows2[0, 2] = True
     k2, v2 = k1.clone(), v1.clone()
     v2[0, :, 2] -= 1.0
-    out, salient = layer(q, k2, v2, None, rows2)
+    out, salient = layer(q, k2, v2, None, rows2, step=step)
     assert torch.allclose(out, sdpa(q, k2, v2, None, 0.5), atol=1e-5)
     assert salient[0, 4]
 

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dyllm_fx
 from dyllm_fx.backend import graphs_of
-from dyllm_fx.kernels import packed_linear as packed, row_gemm
+from dyllm_fx.kernels import cpp_build, packed_linear as packed, row_gemm
 from dyllm_fx.kernels.compact_rows import rows_linear
 from dyllm_fx.models import llada_like
 from trajectories import left_to_right, rows_seen_by_gated_linears, run_both
@@ -82,7 +82,7 @@ def test_without_the_compiled_kernel_the_few_rows_take_onednn_with_one_warning(m
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler")
 
-    row_gemm._kernel.cache_clear()
+    cpp_build.forget("row_gemm")
     monkeypatch.setattr(CppPythonBindingsCodeCache, "load_pybinding", broken)
     try:
         x, w = torch.randn(3, 8), torch.randn(5, 8)
@@ -91,7 +91,7 @@ def test_without_the_compiled_kernel_the_few_rows_take_onednn_with_one_warning(m
         torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
         assert not row_gemm.available()
     finally:
-        row_gemm._kernel.cache_clear()
+        cpp_build.forget("row_gemm")
 
 
 @needs_onednn
@@ -152,13 +152,13 @@ def test_gated_linears_use_packed_weights_below_tau_one(tau, packed_weights, exp
 
 def test_the_few_rows_gemm_is_built_with_the_graph_not_at_the_first_sparse_step():
     torch._dynamo.reset()
-    row_gemm._kernel.cache_clear()
+    cpp_build.forget("row_gemm")
     model = llada_like(hidden_size=16, num_layers=2, num_heads=2, head_dim=8, vocab_size=53)
     compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, policy="full", lowering="eager"),
                              dynamic=False)
     with torch.no_grad():
         compiled(torch.randint(0, 50, (2, packed.FEW_ROWS)))  # a dense step: more rows than row_gemm takes
-    assert row_gemm._kernel.cache_info().currsize == 1 and row_gemm.available()
+    assert cpp_build.built("row_gemm") and row_gemm.available()
 
 
 def test_linears_reading_the_same_rows_are_one_call():

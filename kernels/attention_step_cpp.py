@@ -1,0 +1,419 @@
+"""`dyllm::attention_step`: one attention layer of a sparse step as one C++ call on the CPU.
+
+Same contract and rule as `incremental_attention_step` (`incremental_attention.py`, which documents them) and the
+same arguments: exact rows (the changed ones, stale ones, and those whose update would cancel) over every key;
+the other query rows updated over the changed columns only, old terms out and new terms in, both channels, in
+fp32; the saliency test; the context, lse and previous-K/V caches written in place; `stats` filled.
+
+Why C++: on a sparse step the attention's arithmetic is tiny (a few changed columns per row), and as torch ops it
+is dozens of small calls per layer whose fixed costs dominate; one SDPA over every row (the exact form) costs
+about 1 ms a layer on the default model. This kernel does the whole step in one pass over the rows: a thread takes
+a row `(b, l)` and all its heads, so the saliency test (over all heads) needs no second pass.
+
+It takes fp32 CUDA-free operands with a contiguous last axis (`supported`); the mask is made additive fp32.
+A dense step, or operands it does not take, run `incremental_attention_step` eagerly (one flash-attention call
+over every row on a dense step). The C++ is built by `cpp_build.py`; where it cannot be, `available()` is False
+and the backend traces the torch forms into the graph instead.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import cpp_build
+from .delta_attention import CANCELLATION_FLOOR, _additive
+from .incremental_attention import incremental_attention_step
+
+_SOURCE = r"""
+#include <torch/csrc/inductor/cpp_prefix.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+using Vec = at::vec::Vectorized<float>;
+static constexpr int64_t V = Vec::size();
+static constexpr float INF = std::numeric_limits<float>::infinity();
+
+static inline int64_t padded(int64_t n) { return (n + V - 1) / V * V; }
+
+struct Rows {  // a [B, H, L, D] tensor with a contiguous last axis
+    float* p;
+    int64_t sb, sh, sl;
+    float* at(int64_t b, int64_t h, int64_t l) const { return p + b * sb + h * sh + l * sl; }
+};
+
+// The keys of one (sequence, KV head), transposed: kt[d * W + j] = key j's d-th element, W a multiple of V, zero
+// past the keys; with the values' row pointers. Scores are then vector FMAs along j, with no horizontal sums.
+struct Keys {
+    std::vector<float> kt;
+    std::vector<const float*> values;
+    int64_t W = 0;
+    template <class Key, class Value> void fill(int64_t n, int64_t D, Key key, Value value) {
+        W = padded(std::max<int64_t>(n, 1));
+        kt.assign(D * W, 0.f);
+        values.resize(n);
+        for (int64_t j = 0; j < n; ++j) {
+            const float* kj = key(j);
+            for (int64_t d = 0; d < D; ++d) kt[d * W + j] = kj[d];
+            values[j] = value(j);
+        }
+    }
+};
+
+// s[0:W] = q . key_j for every j of `a` (0 past its keys), and t[0:W] the same over `b` (same W), when given
+static inline void scores(const float* q, int64_t D, const Keys& a, float* s, const Keys* b = nullptr,
+                          float* t = nullptr) {
+    const int64_t W = a.W;
+    for (int64_t w = 0; w < W; w += V) {
+        Vec s0(0.f), s1(0.f), t0(0.f), t1(0.f);
+        const float* ka = a.kt.data() + w;
+        const float* kb = b ? b->kt.data() + w : nullptr;
+        int64_t d = 0;
+        for (; d + 2 <= D; d += 2) {
+            const Vec q0(q[d]), q1(q[d + 1]);
+            s0 = at::vec::fmadd(q0, Vec::loadu(ka + d * W), s0);
+            s1 = at::vec::fmadd(q1, Vec::loadu(ka + (d + 1) * W), s1);
+            if (kb) {
+                t0 = at::vec::fmadd(q0, Vec::loadu(kb + d * W), t0);
+                t1 = at::vec::fmadd(q1, Vec::loadu(kb + (d + 1) * W), t1);
+            }
+        }
+        if (d < D) {
+            s0 = at::vec::fmadd(Vec(q[d]), Vec::loadu(ka + d * W), s0);
+            if (kb) t0 = at::vec::fmadd(Vec(q[d]), Vec::loadu(kb + d * W), t0);
+        }
+        (s0 + s1).store(s + w);
+        if (kb) (t0 + t1).store(t + w);
+    }
+}
+
+static inline float reduce_max(const float* s, int64_t W) {
+    Vec m(-INF);
+    for (int64_t w = 0; w < W; w += V) m = at::vec::clamp_min(Vec::loadu(s + w), m);  // no NaN to propagate
+    return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::clamp_min(x, y); }, m);
+}
+
+static inline float reduce_sum(Vec x) {
+    return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, x);
+}
+
+// s[j] = exp(s[j] - mx) in place; returns their sum
+static inline float exp_sum(float* s, int64_t W, float mx) {
+    Vec sum(0.f);
+    for (int64_t w = 0; w < W; w += V) {
+        Vec e = (Vec::loadu(s + w) - Vec(mx)).exp();
+        e.store(s + w);
+        sum = sum + e;
+    }
+    return reduce_sum(sum);
+}
+
+static inline void scale_by(float* s, int64_t W, float f) {
+    for (int64_t w = 0; w < W; w += V) (Vec::loadu(s + w) * Vec(f)).store(s + w);
+}
+
+// c[0:D] = c0_scale * c0 (0 when c0 is null) + sum_i weight[i] * rows[i][0:D] (rows with weight 0 skipped),
+// eight vectors of D at a time (in registers)
+static inline void weighted_rows(float* c, const float* c0, float c0_scale, int64_t n, const float* weight,
+                                 const float* const* rows, int64_t D) {
+    constexpr int U = 8;
+    for (int64_t d = 0; d < D; d += U * V) {
+        int64_t cnt[U];
+        Vec acc[U];
+        for (int u = 0; u < U; ++u) {
+            cnt[u] = std::clamp<int64_t>(D - d - u * V, 0, V);
+            acc[u] = c0 && cnt[u] ? Vec::loadu(c0 + d + u * V, cnt[u]) * Vec(c0_scale) : Vec(0.f);
+        }
+        if (D - d >= U * V) {  // full chunk: no partial loads
+            for (int64_t i = 0; i < n; ++i) {
+                if (weight[i] == 0.f) continue;
+                const Vec w(weight[i]);
+                const float* r = rows[i] + d;
+                for (int u = 0; u < U; ++u) acc[u] = at::vec::fmadd(w, Vec::loadu(r + u * V), acc[u]);
+            }
+        } else {
+            for (int64_t i = 0; i < n; ++i) {
+                if (weight[i] == 0.f) continue;
+                const Vec w(weight[i]);
+                const float* r = rows[i] + d;
+                for (int u = 0; u < U; ++u)
+                    if (cnt[u]) acc[u] = at::vec::fmadd(w, Vec::loadu(r + u * V, cnt[u]), acc[u]);
+            }
+        }
+        for (int u = 0; u < U; ++u)
+            if (cnt[u]) acc[u].store(c + d + u * V, cnt[u]);
+    }
+}
+
+// Per-thread scratch of the row loops
+struct Scratch {
+    std::vector<float> s, t, w;
+    std::vector<const float*> rows;
+    explicit Scratch(int64_t L) : s(padded(L)), t(padded(L)), w(2 * padded(L)), rows(2 * padded(L)) {}
+};
+
+struct Step {
+    Rows q, k, v, kp, vp, ctx, out;
+    float* lse;
+    int64_t lse_sb, lse_sh, lse_sl;
+    const float* bias;  // additive [B, H, L, L] by strides (last one 1), or null
+    int64_t bias_sb, bias_sh, bias_sl;
+    int64_t H, Hk, L, D, g;
+    float scale, floor, tau;
+
+    float& lse_at(int64_t b, int64_t h, int64_t l) const { return lse[b * lse_sb + h * lse_sh + l * lse_sl]; }
+    const float* bias_row(int64_t b, int64_t h, int64_t l) const {
+        return bias ? bias + b * bias_sb + h * bias_sh + l * bias_sl : nullptr;
+    }
+    // s[i] = s[i] * scale + bias[cols[i]] (bias[i] when cols is null) for i < n; -inf on the padding up to W
+    void finish_scores(float* s, int64_t n, int64_t W, const float* brow, const int64_t* cols) const {
+        int64_t i = 0;
+        if (brow && !cols)
+            for (; i + V <= n; i += V) (Vec::loadu(s + i) * Vec(scale) + Vec::loadu(brow + i)).store(s + i);
+        else if (!brow)
+            for (; i + V <= n; i += V) (Vec::loadu(s + i) * Vec(scale)).store(s + i);
+        for (; i < n; ++i) s[i] = s[i] * scale + (brow ? brow[cols ? cols[i] : i] : 0.f);
+        for (; i < W; ++i) s[i] = -INF;
+    }
+
+    // Row (b, l) over every key (`keys`: its sequence's, per KV head): context into out, lse. A head that attends
+    // to no key gets context 0 and lse 0 (as the CPU flash kernel of the dense step).
+    void exact(int64_t b, int64_t l, const Keys* keys, Scratch& x) const {
+        for (int64_t h = 0; h < H; ++h) {
+            const Keys& kk = keys[h / g];
+            scores(q.at(b, h, l), D, kk, x.s.data());
+            finish_scores(x.s.data(), L, kk.W, bias_row(b, h, l), nullptr);
+            const float mx = reduce_max(x.s.data(), kk.W);
+            float* c = out.at(b, h, l);
+            if (mx == -INF) {
+                std::fill(c, c + D, 0.f);
+                lse_at(b, h, l) = 0.f;
+                continue;
+            }
+            const float sum = exp_sum(x.s.data(), kk.W, mx);
+            scale_by(x.s.data(), kk.W, 1.f / sum);
+            weighted_rows(c, nullptr, 0.f, L, x.s.data(), kk.values.data(), D);
+            lse_at(b, h, l) = mx + std::log(sum);
+        }
+    }
+
+    // Row (b, l) updated over the changed columns `cols` (`old_keys`, `new_keys`: their previous and current K/V,
+    // per KV head) from its cached (context, lse): context into out, lse. False where a head's update would
+    // cancel (the changed columns held more than 1 - floor of its softmax mass): the row is then recomputed.
+    bool incremental(int64_t b, int64_t l, const std::vector<int64_t>& cols, const Keys* old_keys,
+                     const Keys* new_keys, Scratch& x) const {
+        const int64_t n = cols.size();
+        float* so = x.s.data();
+        float* sn = x.t.data();
+        for (int64_t h = 0; h < H; ++h) {
+            const float* brow = bias_row(b, h, l);
+            const Keys &ko = old_keys[h / g], &kn = new_keys[h / g];
+            const int64_t W = kn.W;
+            scores(q.at(b, h, l), D, ko, so, &kn, sn);
+            finish_scores(so, n, W, brow, cols.data());
+            finish_scores(sn, n, W, brow, cols.data());
+            const float lse0 = lse_at(b, h, l);
+            const float mx = std::max(lse0, reduce_max(sn, W));
+            const float base = std::exp(lse0 - mx);
+            const float w_old = exp_sum(so, W, mx), w_new = exp_sum(sn, W, mx);
+            const float rest = base - w_old;
+            if (rest < floor * base) return false;
+            const float den = rest + w_new;
+            // (base * c0 - sum_i so_i vp_i + sum_i sn_i v_i) / den, as one weighted sum over 2n rows
+            for (int64_t i = 0; i < n; ++i) {
+                x.w[i] = -so[i] / den;
+                x.w[n + i] = sn[i] / den;
+                x.rows[i] = ko.values[i];
+                x.rows[n + i] = kn.values[i];
+            }
+            weighted_rows(out.at(b, h, l), ctx.at(b, h, l), base / den, 2 * n, x.w.data(), x.rows.data(), D);
+            lse_at(b, h, l) = mx + std::log(den);
+        }
+        return true;
+    }
+
+    // The saliency test of row (b, l) (its new context in out against ctx), then ctx takes the new context.
+    bool commit(int64_t b, int64_t l) const {
+        Vec dt(0.f), nn(0.f), oo(0.f), differs(0.f);
+        for (int64_t h = 0; h < H; ++h) {
+            const float* now = out.at(b, h, l);
+            float* before = ctx.at(b, h, l);
+            for (int64_t d = 0; d < D; d += V) {
+                const int64_t cnt = std::min<int64_t>(V, D - d);
+                const Vec x = Vec::loadu(now + d, cnt), y = Vec::loadu(before + d, cnt);
+                dt = at::vec::fmadd(x, y, dt);
+                nn = at::vec::fmadd(x, x, nn);
+                oo = at::vec::fmadd(y, y, oo);
+                differs = differs | (x != y);
+            }
+            std::memcpy(before, now, D * sizeof(float));
+        }
+        if (tau >= 1.f) return reduce_sum(differs & Vec(1.f)) > 0.f;
+        return reduce_sum(dt) < tau * std::max(std::sqrt(reduce_sum(nn) * reduce_sum(oo)), 1e-30f);
+    }
+
+    void keep(int64_t b, int64_t l) const {
+        for (int64_t h = 0; h < H; ++h) std::memcpy(out.at(b, h, l), ctx.at(b, h, l), D * sizeof(float));
+    }
+};
+
+extern "C" void kernel(
+        float* q, int64_t q_sb, int64_t q_sh, int64_t q_sl,
+        float* k, int64_t k_sb, int64_t k_sh, int64_t k_sl,
+        float* v, int64_t v_sb, int64_t v_sh, int64_t v_sl,
+        float* kp, int64_t kp_sb, int64_t kp_sh, int64_t kp_sl,
+        float* vp, int64_t vp_sb, int64_t vp_sh, int64_t vp_sl,
+        float* ctx, int64_t c_sb, int64_t c_sh, int64_t c_sl,
+        float* out, int64_t o_sb, int64_t o_sh, int64_t o_sl,
+        float* lse, int64_t lse_sb, int64_t lse_sh, int64_t lse_sl,
+        uintptr_t bias, int64_t bias_sb, int64_t bias_sh, int64_t bias_sl,
+        const bool* kv_rows, const bool* query, const bool* always, bool* salient, int64_t* stats,
+        int64_t B, int64_t H, int64_t Hk, int64_t L, int64_t D, float scale, float tau, float floor) {
+    const Step st{{q, q_sb, q_sh, q_sl}, {k, k_sb, k_sh, k_sl}, {v, v_sb, v_sh, v_sl},
+                  {kp, kp_sb, kp_sh, kp_sl}, {vp, vp_sb, vp_sh, vp_sl}, {ctx, c_sb, c_sh, c_sl},
+                  {out, o_sb, o_sh, o_sl}, lse, lse_sb, lse_sh, lse_sl,
+                  reinterpret_cast<const float*>(bias), bias_sb, bias_sh, bias_sl, H, Hk, L, D, H / Hk,
+                  scale, floor, tau};
+    enum : uint8_t { KEPT, EXACT, INCREMENTAL };
+    std::vector<std::vector<int64_t>> cols(B);  // per sequence, the changed columns
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < L; ++j)
+            if (kv_rows[b * L + j]) cols[b].push_back(j);
+    std::vector<Keys> old_keys(B * Hk), new_keys(B * Hk), all_keys(B * Hk);
+    std::vector<uint8_t> how(B * L, KEPT), exact_in(B, 0);
+    #pragma omp parallel
+    {
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < B * Hk; ++i) {
+            const int64_t b = i / Hk, h = i % Hk;
+            const auto& c = cols[b];
+            old_keys[i].fill(c.size(), D, [&](int64_t j) { return st.kp.at(b, h, c[j]); },
+                             [&](int64_t j) { return st.vp.at(b, h, c[j]); });
+            new_keys[i].fill(c.size(), D, [&](int64_t j) { return st.k.at(b, h, c[j]); },
+                             [&](int64_t j) { return st.v.at(b, h, c[j]); });
+        }
+        // every row: kept, updated incrementally, or marked exact for the second pass
+        Scratch scratch(L);
+        #pragma omp for schedule(dynamic, 4)
+        for (int64_t r = 0; r < B * L; ++r) {
+            const int64_t b = r / L, l = r % L;
+            salient[r] = false;
+            if (!query[r]) {
+                for (int64_t h = 0; h < H; ++h) st.lse_at(b, h, l) = INF;  // misses this step: stale
+                st.keep(b, l);
+                continue;
+            }
+            bool stale = false;
+            for (int64_t h = 0; h < H; ++h) stale |= st.lse_at(b, h, l) == INF;
+            if (kv_rows[r] || stale) {
+                how[r] = EXACT;
+            } else if (!cols[b].empty()) {
+                how[r] = st.incremental(b, l, cols[b], &old_keys[b * Hk], &new_keys[b * Hk], scratch)
+                    ? INCREMENTAL : EXACT;
+            }
+            if (how[r] == KEPT) st.keep(b, l);
+            if (how[r] == INCREMENTAL) salient[r] = st.commit(b, l);
+        }
+        #pragma omp single
+        for (int64_t r = 0; r < B * L; ++r) exact_in[r / L] |= how[r] == EXACT;
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < B * Hk; ++i) {
+            const int64_t b = i / Hk, h = i % Hk;
+            if (exact_in[b])
+                all_keys[i].fill(L, D, [&](int64_t j) { return st.k.at(b, h, j); },
+                                 [&](int64_t j) { return st.v.at(b, h, j); });
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t r = 0; r < B * L; ++r) {
+            if (how[r] != EXACT) continue;
+            const int64_t b = r / L, l = r % L;
+            st.exact(b, l, &all_keys[b * Hk], scratch);
+            salient[r] = st.commit(b, l);
+        }
+    }
+    int64_t counts[4] = {0, 0, 0, 0};  // salient, exact, incremental, query
+    for (int64_t r = 0; r < B * L; ++r) {
+        salient[r] = query[r] && (salient[r] || always[r]);
+        counts[0] += salient[r];
+        counts[1] += how[r] == EXACT;
+        counts[2] += how[r] == INCREMENTAL;
+        counts[3] += query[r];
+    }
+    std::memcpy(stats, counts, sizeof(counts));
+    for (int64_t b = 0; b < B; ++b)  // the previous K/V: equal to K/V outside the changed rows
+        for (int64_t j : cols[b])
+            for (int64_t h = 0; h < Hk; ++h) {
+                std::memcpy(st.kp.at(b, h, j), st.k.at(b, h, j), D * sizeof(float));
+                std::memcpy(st.vp.at(b, h, j), st.v.at(b, h, j), D * sizeof(float));
+            }
+}
+"""
+_ARGTYPES = (["float*"] + ["int64_t"] * 3) * 8 + ["uintptr_t"] + ["int64_t"] * 3 + \
+    ["const bool*"] * 3 + ["bool*", "int64_t*"] + ["int64_t"] * 5 + ["float"] * 3
+FALLBACK = "attention on sparse steps runs as torch ops"
+
+
+def _kernel():
+    return cpp_build.load("attention_step", _ARGTYPES, _SOURCE, FALLBACK)
+
+
+def available() -> bool:
+    """Whether the kernel is built (compiles it at the first call, seconds, then from Inductor's cache)."""
+    return _kernel() is not None
+
+
+def _takes(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 and t.stride(3) == 1
+
+
+def supported(q: Tensor, k: Tensor, v: Tensor, k_prev: Tensor, v_prev: Tensor, ctx_cache: Tensor,
+              lse_cache: Tensor) -> bool:
+    """Whether the kernel takes these operands: fp32 CPU tensors with a contiguous last axis (lse: any strides),
+    query heads a multiple of the KV heads."""
+    return (all(_takes(t) for t in (q, k, v, k_prev, v_prev, ctx_cache)) and lse_cache.dtype == torch.float32
+            and lse_cache.device.type == "cpu" and q.shape[1] % k.shape[1] == 0)
+
+
+def _strided(t: Tensor) -> tuple:
+    return t, t.stride(0), t.stride(1), t.stride(2)
+
+
+torch.library.define(
+    "dyllm::attention_step",
+    "(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor kv_rows, Tensor query_rows, Tensor always_rows, "
+    "Tensor dense, Tensor(a!) k_prev, Tensor(b!) v_prev, Tensor(c!) ctx_cache, Tensor(d!) lse_cache, "
+    "Tensor(e!) stats, float scale, float tau) -> (Tensor, Tensor)")
+
+
+def attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], kv_rows: Tensor,
+                   query_rows: Tensor, always_rows: Tensor, dense: Tensor, k_prev: Tensor, v_prev: Tensor,
+                   ctx_cache: Tensor, lse_cache: Tensor, stats: Tensor, scale: float,
+                   tau: float) -> tuple[Tensor, Tensor]:
+    kernel = _kernel()
+    if bool(dense) or kernel is None or not supported(q, k, v, k_prev, v_prev, ctx_cache, lse_cache):
+        return incremental_attention_step(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_prev,
+                                          v_prev, ctx_cache, lse_cache, stats, scale, tau)
+    B, H, L, D = q.shape
+    bias = None if attn_mask is None else _additive(attn_mask, B, L, L)
+    if bias is not None and bias.stride(3) != 1:
+        bias = bias.contiguous()
+    bias_args = (0, 0, 0, 0) if bias is None else (
+        bias.data_ptr(), bias.stride(0), bias.stride(1) if bias.shape[1] > 1 else 0, bias.stride(2))
+    out = q.new_empty(B, L, H, D).transpose(1, 2)  # SDPA's output layout
+    salient = torch.empty(B, L, dtype=torch.bool)
+    kernel(*_strided(q), *_strided(k), *_strided(v), *_strided(k_prev), *_strided(v_prev), *_strided(ctx_cache),
+           *_strided(out), *_strided(lse_cache), *bias_args, kv_rows.contiguous(), query_rows.contiguous(),
+           always_rows.contiguous(), salient, stats, B, H, k.shape[1], L, D, scale, tau, CANCELLATION_FLOOR)
+    return out, salient
+
+
+torch.library.impl("dyllm::attention_step", "CompositeExplicitAutograd")(attention_step)
+
+
+@torch.library.register_fake("dyllm::attention_step")
+def _(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_prev, v_prev, ctx_cache, lse_cache, stats,
+      scale, tau):
+    B, H, L, D = q.shape
+    return q.new_empty(B, L, H, D).transpose(1, 2), q.new_empty(B, L, dtype=torch.bool)

@@ -1,0 +1,121 @@
+"""`dyllm::attention_step` (`kernels/attention_step_cpp.py`): the C++ form of the compact path's attention step.
+Its contract against full attention is tested with the traced form in `test_incremental_attention.py`; here: the two
+forms agree step by step, the fallbacks, Inductor, and the backend's choice."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import dyllm_fx
+from dyllm_fx.kernels import attention_step_cpp, cpp_build
+from dyllm_fx.kernels.incremental_attention import incremental_attention_step
+from dyllm_fx.models import llada_like
+from dyllm_fx.passes.saliency_rewrite import EVERY_ROW_EXACT, INCREMENTAL, INCREMENTAL_CPP
+
+from test_incremental_attention import Layer, _mask
+
+attention_step = torch.ops.dyllm.attention_step.default
+
+
+def _changed(t, rows, gen):
+    return torch.where(rows[:, None, :, None], torch.randn(t.shape, generator=gen, dtype=t.dtype), t)
+
+
+@settings(max_examples=30, deadline=None)
+@given(B=st.integers(1, 2), Hk=st.integers(1, 2), g=st.integers(1, 3), L=st.integers(2, 40),
+       D=st.sampled_from([5, 8, 64, 72]), mask_kind=st.sampled_from([None, "additive", "bool"]),
+       tau=st.sampled_from([1.0, 0.999]), seed=st.integers(0, 999), p=st.sampled_from([0.05, 0.3]))
+def test_the_cpp_step_agrees_with_the_traced_one(B, Hk, g, L, D, mask_kind, tau, seed, p):
+    """Same contexts, caches and exact/incremental split, step by step; query rows left out now and then (stale
+    rows). At tau = 1.0 every query row whose context moved at all is salient (the two may differ on rows recomputed
+    to other roundings: salient by one, not by the other; both safe)."""
+    gen = torch.Generator().manual_seed(seed)
+    H = Hk * g
+    q, k, v = torch.randn(B, H, L, D, generator=gen), torch.randn(B, Hk, L, D, generator=gen), \
+        torch.randn(B, Hk, L, D, generator=gen)
+    mask = _mask(mask_kind, B, L, gen)
+    torch_layer, cpp_layer = Layer(B, H, Hk, L, D, 1 / math.sqrt(D), tau), Layer(B, H, Hk, L, D, 1 / math.sqrt(D), tau)
+    everyone = torch.ones(B, L, dtype=torch.bool)
+    before = None
+    for i in range(4):
+        rows = everyone if i == 0 else torch.rand(B, L, generator=gen) < p
+        query = everyone if i % 2 == 0 else torch.rand(B, L, generator=gen) < 0.8
+        q, k, v = _changed(q, rows, gen), _changed(k, rows, gen), _changed(v, rows, gen)
+        want = torch_layer(q, k, v, mask, rows, query=query, dense=i == 0)
+        got = cpp_layer(q, k, v, mask, rows, query=query, dense=i == 0, step=attention_step)
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        for a, b in zip(cpp_layer.caches, torch_layer.caches):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert torch.equal(cpp_layer.stats[1:], torch_layer.stats[1:])  # exact, incremental, query rows
+        if tau == 1.0 and before is not None:
+            moved = (got[0] != before).any(3).any(1) & query
+            assert got[1][moved].all()
+        before = got[0].clone()
+
+
+def test_dense_steps_and_operands_it_does_not_take_run_the_traced_step():
+    B, H, L, D = 1, 2, 6, 4
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, generator=gen).bfloat16() for _ in range(3))  # a bf16 model
+    everyone = torch.ones(B, L, dtype=torch.bool)
+    rows = torch.zeros(B, L, dtype=torch.bool)
+    rows[0, 3] = True
+    layers = []
+    for step in (incremental_attention_step, attention_step):
+        layer = Layer(B, H, H, L, D, 0.5)
+        layer.caches[:2] = [c.bfloat16() for c in layer.caches[:2]]  # K/V caches in the model's dtype
+        assert not attention_step_cpp.supported(q, k, v, *layer.caches)
+        outs = [layer(q, k, v, None, everyone, dense=True, step=step), layer(q, 2 * k, v, None, rows, step=step)]
+        layers.append((outs, layer))
+    (want, torch_layer), (got, cpp_layer) = layers
+    for (a, sa), (b, sb) in zip(got, want):
+        assert torch.equal(a, b) and torch.equal(sa, sb)
+    assert torch.equal(cpp_layer.stats, torch_layer.stats)
+
+
+def test_under_inductor_the_caches_are_written_in_place():
+    B, H, Hk, L, D = 2, 4, 2, 12, 8
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(B, H, L, D, generator=gen), torch.randn(B, Hk, L, D, generator=gen), \
+        torch.randn(B, Hk, L, D, generator=gen)
+    mask = _mask("additive", B, L, gen)
+    eager, compiled = Layer(B, H, Hk, L, D, 0.35, tau=0.99), Layer(B, H, Hk, L, D, 0.35, tau=0.99)
+
+    def step(*args):
+        out, salient = attention_step(*args)
+        return out * 2, salient
+
+    fn = torch.compile(step, backend="inductor", fullgraph=True, dynamic=False)
+    for i in range(4):
+        rows = torch.ones(B, L, dtype=torch.bool) if i == 0 else torch.rand(B, L, generator=gen) < 0.25
+        k = _changed(k, rows, gen)
+        want = eager(q, k, v, mask, rows, dense=i == 0, step=attention_step)
+        got = compiled(q, k, v, mask, rows, dense=i == 0, step=fn)
+        assert torch.equal(got[0], 2 * want[0]) and torch.equal(got[1], want[1])
+        assert all(torch.equal(a, b) for a, b in zip(compiled.caches, eager.caches))
+        assert torch.equal(compiled.stats, eager.stats)
+
+
+def test_the_backend_uses_it_below_tau_one_and_traces_torch_ops_without_it(monkeypatch):
+    model = llada_like(num_layers=2, hidden_size=32, num_heads=2, vocab_size=97)
+    ids = torch.randint(0, 90, (1, 6))
+    (report,) = dyllm_fx.explain(model, ids, options=dict(tau=0.99))
+    assert set(report.attention.values()) == {INCREMENTAL_CPP}
+    (exact,) = dyllm_fx.explain(model, ids, options=dict(tau=1.0))  # at 1.0 the SDPA form: bit for bit
+    assert set(exact.attention.values()) == {EVERY_ROW_EXACT}
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    cpp_build.forget("attention_step")
+    monkeypatch.setattr(CppPythonBindingsCodeCache, "load_pybinding", broken)
+    try:
+        with pytest.warns(UserWarning, match="attention_step could not be compiled"):
+            (traced,) = dyllm_fx.explain(model, ids, options=dict(tau=0.99, exact_attention_below=0))
+        assert set(traced.attention.values()) == {INCREMENTAL}
+        (default,) = dyllm_fx.explain(model, ids, options=dict(tau=0.99))  # as torch ops slower than SDPA here
+        assert set(default.attention.values()) == {EVERY_ROW_EXACT}
+    finally:
+        cpp_build.forget("attention_step")
