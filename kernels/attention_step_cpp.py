@@ -35,6 +35,7 @@ _SOURCE = r"""
 using Vec = at::vec::Vectorized<float>;
 static constexpr int64_t V = Vec::size();
 static constexpr float INF = std::numeric_limits<float>::infinity();
+static constexpr int64_t FEW_KEYS = 3;  // up to this many keys, scores as dot products (fewer FMAs than a vector of keys)
 
 static inline int64_t padded(int64_t n) { return (n + V - 1) / V * V; }
 
@@ -47,25 +48,50 @@ struct Rows {  // a [B, H, L, D] tensor with a contiguous last axis
 // The keys of one (sequence, KV head), transposed: kt[d * W + j] = key j's d-th element, W a multiple of V, zero
 // past the keys; with the values' row pointers. Scores are then vector FMAs along j, with no horizontal sums.
 struct Keys {
-    std::vector<float> kt;
-    std::vector<const float*> values;
+    std::vector<float> kt;  // empty for FEW_KEYS keys or fewer: scores are then dot products over the key rows
+    std::vector<const float*> keys, values;
     int64_t W = 0;
     template <class Key, class Value> void fill(int64_t n, int64_t D, Key key, Value value) {
         W = padded(std::max<int64_t>(n, 1));
-        kt.assign(D * W, 0.f);
+        keys.resize(n);
         values.resize(n);
         for (int64_t j = 0; j < n; ++j) {
-            const float* kj = key(j);
-            for (int64_t d = 0; d < D; ++d) kt[d * W + j] = kj[d];
+            keys[j] = key(j);
             values[j] = value(j);
         }
+        kt.clear();
+        if (n <= FEW_KEYS) return;
+        kt.assign(D * W, 0.f);
+        for (int64_t j = 0; j < n; ++j)
+            for (int64_t d = 0; d < D; ++d) kt[d * W + j] = keys[j][d];
     }
 };
+
+static inline float dot(const float* a, const float* b, int64_t D) {
+    Vec acc0(0.f), acc1(0.f);
+    int64_t d = 0;
+    for (; d + 2 * V <= D; d += 2 * V) {
+        acc0 = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc0);
+        acc1 = at::vec::fmadd(Vec::loadu(a + d + V), Vec::loadu(b + d + V), acc1);
+    }
+    for (; d < D; d += V) {
+        const int64_t cnt = std::min<int64_t>(V, D - d);  // a partial load fills the other lanes with 0
+        acc0 = at::vec::fmadd(Vec::loadu(a + d, cnt), Vec::loadu(b + d, cnt), acc0);
+    }
+    return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc0 + acc1);
+}
 
 // s[0:W] = q . key_j for every j of `a` (0 past its keys), and t[0:W] the same over `b` (same W), when given
 static inline void scores(const float* q, int64_t D, const Keys& a, float* s, const Keys* b = nullptr,
                           float* t = nullptr) {
     const int64_t W = a.W;
+    if (a.kt.empty()) {  // few keys
+        for (int64_t j = 0; j < (int64_t)a.keys.size(); ++j) {
+            s[j] = dot(q, a.keys[j], D);
+            if (b) t[j] = dot(q, b->keys[j], D);
+        }
+        return;
+    }
     for (int64_t w = 0; w < W; w += V) {
         Vec s0(0.f), s1(0.f), t0(0.f), t1(0.f);
         const float* ka = a.kt.data() + w;
@@ -365,19 +391,21 @@ def available() -> bool:
 
 
 def _takes(t: Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 and t.stride(3) == 1
+    return t.is_cpu and t.dtype == torch.float32 and t.dim() == 4 and t.stride()[3] == 1
 
 
 def supported(q: Tensor, k: Tensor, v: Tensor, k_prev: Tensor, v_prev: Tensor, ctx_cache: Tensor,
-              lse_cache: Tensor) -> bool:
+              lse_cache: Tensor, stats: Tensor) -> bool:
     """Whether the kernel takes these operands: fp32 CPU tensors with a contiguous last axis (lse: any strides),
-    query heads a multiple of the KV heads."""
-    return (all(_takes(t) for t in (q, k, v, k_prev, v_prev, ctx_cache)) and lse_cache.dtype == torch.float32
-            and lse_cache.device.type == "cpu" and q.shape[1] % k.shape[1] == 0)
+    query heads a multiple of the KV heads, `stats` a contiguous int64 row."""
+    return (_takes(q) and _takes(k) and _takes(v) and _takes(k_prev) and _takes(v_prev) and _takes(ctx_cache)
+            and lse_cache.is_cpu and lse_cache.dtype == torch.float32 and q.shape[1] % k.shape[1] == 0
+            and stats.dtype == torch.int64 and stats.is_contiguous())
 
 
 def _strided(t: Tensor) -> tuple:
-    return t, t.stride(0), t.stride(1), t.stride(2)
+    s = t.stride()
+    return t, s[0], s[1], s[2]
 
 
 torch.library.define(
@@ -392,7 +420,7 @@ def attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                    ctx_cache: Tensor, lse_cache: Tensor, stats: Tensor, scale: float,
                    tau: float) -> tuple[Tensor, Tensor]:
     kernel = _kernel()
-    if bool(dense) or kernel is None or not supported(q, k, v, k_prev, v_prev, ctx_cache, lse_cache):
+    if bool(dense) or kernel is None or not supported(q, k, v, k_prev, v_prev, ctx_cache, lse_cache, stats):
         return incremental_attention_step(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_prev,
                                           v_prev, ctx_cache, lse_cache, stats, scale, tau)
     B, H, L, D = q.shape

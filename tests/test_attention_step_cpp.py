@@ -65,7 +65,7 @@ def test_dense_steps_and_operands_it_does_not_take_run_the_traced_step():
     for step in (incremental_attention_step, attention_step):
         layer = Layer(B, H, H, L, D, 0.5)
         layer.caches[:2] = [c.bfloat16() for c in layer.caches[:2]]  # K/V caches in the model's dtype
-        assert not attention_step_cpp.supported(q, k, v, *layer.caches)
+        assert not attention_step_cpp.supported(q, k, v, *layer.caches, layer.stats)
         outs = [layer(q, k, v, None, everyone, dense=True, step=step), layer(q, 2 * k, v, None, rows, step=step)]
         layers.append((outs, layer))
     (want, torch_layer), (got, cpp_layer) = layers
