@@ -1,22 +1,26 @@
-"""One attention layer of a sparse CPU step, compiled by Inductor: every row exact (one SDPA) against the incremental
-update over the changed keys (the two forms `exact_attention_below` chooses between).
+"""One attention layer of a sparse CPU step: every row exact (one SDPA) against the incremental update over the
+changed keys, as torch ops and as one C++ call (the forms `exact_attention_below` chooses between).
 
     python benchmarks/attention_step.py [--lengths 128 320 1280] [--changed 0.03 0.1] [--repeats 50]
 
 SmolLM2-135M's attention shape by default (batch 2, 9 query heads over 3 KV heads of 64). Per length and changed
 fraction: K/V change on that share of rows per sequence (at least one), every row is a query row, caches hold the
-previous step's exact state. Each form is one `torch.compile`d call of the function the rewrite puts in the graph
-(`kernels/exact_attention.py`, `kernels/incremental_attention.py`); median ms of `--repeats` calls after three warm-up calls,
-and the largest difference of the incremental form's context from SDPA's.
+previous step's exact state. The torch forms are one `torch.compile`d call of the function the rewrite puts in the
+graph (`kernels/exact_attention.py`, `kernels/incremental_attention.py`), the C++ form one call of the op
+(`kernels/attention_step_cpp.py`); median ms of `--repeats` calls after three warm-up calls, and the largest
+difference of the incremental forms' contexts from SDPA's.
 """
 import argparse
 import math
 
 import torch
 
+import dyllm_fx.kernels  # noqa: F401  (registers torch.ops.dyllm)
 from dyllm_fx.bench import median_ms
 from dyllm_fx.kernels.exact_attention import exact_attention_step
 from dyllm_fx.kernels.incremental_attention import incremental_attention_step
+
+attention_step = torch.ops.dyllm.attention_step.default
 
 
 def layer_inputs(B, H, Hk, L, D, changed: float, gen):
@@ -61,16 +65,22 @@ def main(argv=None) -> list[dict]:
             row["incremental_ms"] = median_ms(lambda: incremental(
                 q, k, v, None, kv_rows, query, always, dense, k_prev, v_prev, ctx, lse, stats, scale, 0.99),
                 args.repeats, warmup=3)
+            caches = [k_prev.clone(), v_prev.clone(), ctx.clone(), lse.clone()]
+            out, _ = attention_step(q, k, v, None, kv_rows, query, always, dense, *caches, stats, scale, 0.99)
+            row["cpp_error"] = (out - sdpa).abs().max().item()
+            row["cpp_ms"] = median_ms(lambda: attention_step(
+                q, k, v, None, kv_rows, query, always, dense, *caches, stats, scale, 0.99), args.repeats, warmup=3)
             ctx_exact = ctx.clone()
             row["exact_ms"] = median_ms(
                 lambda: exact(q, k, v, None, query, always, ctx_exact, stats, scale, 0.99), args.repeats, warmup=3)
             results.append(row)
     print(f"batch {B}, {H} heads over {Hk} KV heads of {D}, {torch.get_num_threads()} threads")
-    print("| length | changed rows | every row exact (SDPA) ms | incremental ms | incremental / exact | max abs diff |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| length | changed rows | every row exact (SDPA) ms | incremental, torch ops ms | incremental, C++ ms | "
+          "C++ / exact | max abs diff (torch ops, C++) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['length']} | {100 * r['changed']:.0f} % | {r['exact_ms']:.2f} | {r['incremental_ms']:.2f} | "
-              f"{r['incremental_ms'] / r['exact_ms']:.2f} | {r['error']:.1e} |")
+              f"{r['cpp_ms']:.2f} | {r['cpp_ms'] / r['exact_ms']:.2f} | {r['error']:.1e}, {r['cpp_error']:.1e} |")
     return results
 
 

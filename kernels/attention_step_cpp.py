@@ -175,10 +175,19 @@ static inline void weighted_rows(float* c, const float* c0, float c0_scale, int6
 
 // Per-thread scratch of the row loops
 struct Scratch {
-    std::vector<float> s, t, w;
+    std::vector<float> s, t, w, m, heads;
     std::vector<const float*> rows;
-    explicit Scratch(int64_t L) : s(padded(L)), t(padded(L)), w(2 * padded(L)), rows(2 * padded(L)) {}
+    Scratch(int64_t L, int64_t H)
+        : s(std::max(padded(L), padded(H * FEW_KEYS))), t(s.size()), w(2 * padded(L)), m(s.size()),
+          heads(4 * padded(H)), rows(2 * padded(L)) {}
 };
+
+static inline void exp_minus(float* s, const float* m, int64_t n) {  // s = exp(s - m) over n entries, in place
+    for (int64_t i = 0; i < n; i += V) {
+        const int64_t cnt = std::min<int64_t>(V, n - i);
+        (Vec::loadu(s + i, cnt) - Vec::loadu(m + i, cnt)).exp().store(s + i, cnt);
+    }
+}
 
 struct Step {
     Rows q, k, v, kp, vp, ctx, out;
@@ -225,12 +234,67 @@ struct Step {
         }
     }
 
+    // `incremental` for up to FEW_KEYS changed columns: every head's scores as dot products, then the softmax
+    // bookkeeping (exp, log) of all heads at once, in vectors over the heads.
+    bool incremental_few(int64_t b, int64_t l, const std::vector<int64_t>& cols, const Keys* old_keys,
+                         const Keys* new_keys, Scratch& x) const {
+        const int64_t n = cols.size(), Hp = padded(H);
+        float *so = x.s.data(), *sn = x.t.data(), *me = x.m.data();  // [H][n]: old, new scores; each head's max
+        float *mx = x.heads.data(), *base = mx + Hp, *den = base + Hp, *lse_new = den + Hp;  // [H] each
+        for (int64_t h = 0; h < H; ++h) {
+            const float* qv = q.at(b, h, l);
+            const float* brow = bias_row(b, h, l);
+            const Keys &ko = old_keys[h / g], &kn = new_keys[h / g];
+            const float lse0 = lse_at(b, h, l);
+            float m = lse0;
+            for (int64_t i = 0; i < n; ++i) {
+                const float bias_i = brow ? brow[cols[i]] : 0.f;
+                so[h * n + i] = dot(qv, ko.keys[i], D) * scale + bias_i;
+                sn[h * n + i] = dot(qv, kn.keys[i], D) * scale + bias_i;
+                m = std::max(m, sn[h * n + i]);
+            }
+            mx[h] = m;
+            base[h] = lse0;
+            for (int64_t i = 0; i < n; ++i) me[h * n + i] = m;
+        }
+        exp_minus(so, me, H * n);
+        exp_minus(sn, me, H * n);
+        exp_minus(base, mx, H);  // exp(lse0 - max)
+        for (int64_t h = 0; h < H; ++h) {
+            float w_old = 0.f, w_new = 0.f;
+            for (int64_t i = 0; i < n; ++i) {
+                w_old += so[h * n + i];
+                w_new += sn[h * n + i];
+            }
+            const float rest = base[h] - w_old;
+            if (rest < floor * base[h]) return false;
+            den[h] = rest + w_new;
+        }
+        for (int64_t h = 0; h < H; h += V) {
+            const int64_t cnt = std::min<int64_t>(V, H - h);
+            (Vec::loadu(mx + h, cnt) + Vec::loadu(den + h, cnt).log()).store(lse_new + h, cnt);
+        }
+        for (int64_t h = 0; h < H; ++h) {
+            const Keys &ko = old_keys[h / g], &kn = new_keys[h / g];
+            for (int64_t i = 0; i < n; ++i) {
+                x.w[i] = -so[h * n + i] / den[h];
+                x.w[n + i] = sn[h * n + i] / den[h];
+                x.rows[i] = ko.values[i];
+                x.rows[n + i] = kn.values[i];
+            }
+            weighted_rows(out.at(b, h, l), ctx.at(b, h, l), base[h] / den[h], 2 * n, x.w.data(), x.rows.data(), D);
+            lse_at(b, h, l) = lse_new[h];
+        }
+        return true;
+    }
+
     // Row (b, l) updated over the changed columns `cols` (`old_keys`, `new_keys`: their previous and current K/V,
     // per KV head) from its cached (context, lse): context into out, lse. False where a head's update would
     // cancel (the changed columns held more than 1 - floor of its softmax mass): the row is then recomputed.
     bool incremental(int64_t b, int64_t l, const std::vector<int64_t>& cols, const Keys* old_keys,
                      const Keys* new_keys, Scratch& x) const {
         const int64_t n = cols.size();
+        if (n <= FEW_KEYS) return incremental_few(b, l, cols, old_keys, new_keys, x);
         float* so = x.s.data();
         float* sn = x.t.data();
         for (int64_t h = 0; h < H; ++h) {
@@ -321,7 +385,7 @@ extern "C" void kernel(
                              [&](int64_t j) { return st.v.at(b, h, c[j]); });
         }
         // every row: kept, updated incrementally, or marked exact for the second pass
-        Scratch scratch(L);
+        Scratch scratch(L, H);
         #pragma omp for schedule(dynamic, 4)
         for (int64_t r = 0; r < B * L; ++r) {
             const int64_t b = r / L, l = r % L;
