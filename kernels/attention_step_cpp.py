@@ -10,11 +10,12 @@ is dozens of small calls per layer whose fixed costs dominate; one SDPA over eve
 about 1 ms a layer on the default model. This kernel does the whole step in one pass over the rows: a thread takes
 a row `(b, l)` and all its heads, so the saliency test (over all heads) needs no second pass.
 
-It takes fp32 CUDA-free operands with a contiguous last axis (`supported`); the mask is made additive fp32.
-A dense step, or operands it does not take, run `incremental_attention_step` eagerly (one flash-attention call
-over every row on a dense step). The C++ is built by `cpp_build.py`; where it cannot be, `available()` is False
+It takes fp32 CPU operands with a contiguous last axis (`supported`); the mask is made additive fp32.
+A dense step is one call of the CPU flash-attention kernel over every row (`_dense_step`, which also gives the
+lse); operands it does not take run `incremental_attention_step` eagerly. The C++ is built by `cpp_build.py`; where it cannot be, `available()` is False
 and the backend traces the torch forms into the graph instead.
 """
+import math
 from typing import Optional
 
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor
 from . import cpp_build
 from .delta_attention import CANCELLATION_FLOOR, _additive
 from .incremental_attention import incremental_attention_step
+from .saliency import saliency_reference
 
 _SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
@@ -484,11 +486,14 @@ def attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                    ctx_cache: Tensor, lse_cache: Tensor, stats: Tensor, scale: float,
                    tau: float) -> tuple[Tensor, Tensor]:
     kernel = _kernel()
-    if bool(dense) or kernel is None or not supported(q, k, v, k_prev, v_prev, ctx_cache, lse_cache, stats):
+    if kernel is None or not supported(q, k, v, k_prev, v_prev, ctx_cache, lse_cache, stats):
         return incremental_attention_step(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_prev,
                                           v_prev, ctx_cache, lse_cache, stats, scale, tau)
     B, H, L, D = q.shape
     bias = None if attn_mask is None else _additive(attn_mask, B, L, L)
+    if bool(dense):
+        return _dense_step(q, k, v, bias, query_rows, always_rows, k_prev, v_prev, ctx_cache, lse_cache, stats,
+                           scale, tau)
     if bias is not None and bias.stride(3) != 1:
         bias = bias.contiguous()
     bias_args = (0, 0, 0, 0) if bias is None else (
@@ -499,6 +504,27 @@ def attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
            *_strided(out), *_strided(lse_cache), *bias_args, kv_rows.contiguous(), query_rows.contiguous(),
            always_rows.contiguous(), salient, stats, B, H, k.shape[1], L, D, scale, tau, CANCELLATION_FLOOR)
     return out, salient
+
+
+def _dense_step(q, k, v, bias, query_rows, always_rows, k_prev, v_prev, ctx_cache, lse_cache, stats, scale,
+                tau) -> tuple[Tensor, Tensor]:
+    """A dense step: every query row exact, by the CPU flash-attention kernel over every row (it returns the lse the
+    next steps' updates start from); the rest of the step as `incremental_attention_step` does it."""
+    g = q.shape[1] // k.shape[1]
+    keys, values = (k, v) if g == 1 else (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
+    ctx, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, False,
+                                                                           attn_mask=bias, scale=scale)[:2]
+    new = query_rows[:, None, :]
+    B, H, L, D = q.shape
+    ctx = torch.where(new[..., None], ctx, ctx_cache, out=q.new_empty(B, L, H, D).transpose(1, 2))  # the op's layout
+    salient = saliency_reference(ctx, ctx_cache, query_rows, always_rows, tau)
+    ctx_cache.copy_(ctx)
+    lse_cache.copy_(torch.where(new, lse, math.inf))
+    k_prev.copy_(k)
+    v_prev.copy_(v)
+    n_query = query_rows.sum()
+    stats.copy_(torch.stack([salient.sum(), n_query, torch.zeros_like(n_query), n_query]))
+    return ctx, salient
 
 
 torch.library.impl("dyllm::attention_step", "CompositeExplicitAutograd")(attention_step)

@@ -54,7 +54,7 @@ def test_the_cpp_step_agrees_with_the_traced_one(B, Hk, g, L, D, mask_kind, tau,
         before = got[0].clone()
 
 
-def test_dense_steps_and_operands_it_does_not_take_run_the_traced_step():
+def test_operands_it_does_not_take_run_the_traced_step():
     B, H, L, D = 1, 2, 6, 4
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D, generator=gen).bfloat16() for _ in range(3))  # a bf16 model
