@@ -22,7 +22,7 @@ from dyllm_fx.bench import left_to_right_steps
 GROUPS = [
     ("GEMMs (aten::mm/addmm, oneDNN linear, row_gemm)",
      lambda n: n in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "dyllm::row_gemm")),
-    ("attention (SDPA)", lambda n: "scaled_dot_product" in n),
+    ("attention (SDPA, attention_step)", lambda n: "scaled_dot_product" in n or n == "dyllm::attention_step"),
     ("Inductor's C++ kernels (gathers, norms, RoPE, SwiGLU, cache writes, saliency)",
      lambda n: n.startswith("graph_") and "_cpp_" in n),
     ("row indexes (select_rows, nonzero, sort)",
