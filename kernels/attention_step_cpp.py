@@ -12,8 +12,8 @@ a row `(b, l)` and all its heads, so the saliency test (over all heads) needs no
 
 It takes fp32 CPU operands with a contiguous last axis (`supported`); the mask is made additive fp32.
 A dense step is one call of the CPU flash-attention kernel over every row (`_dense_step`, which also gives the
-lse); operands it does not take run `incremental_attention_step` eagerly. The C++ is built by `cpp_build.py`; where it cannot be, `available()` is False
-and the backend traces the torch forms into the graph instead.
+lse); operands it does not take run `incremental_attention_step` eagerly. The C++ is built by `cpp_build.py`;
+where it cannot be, `available()` is False and the backend traces the torch forms into the graph instead.
 """
 import math
 from typing import Optional
@@ -37,7 +37,8 @@ _SOURCE = r"""
 using Vec = at::vec::Vectorized<float>;
 static constexpr int64_t V = Vec::size();
 static constexpr float INF = std::numeric_limits<float>::infinity();
-static constexpr int64_t FEW_KEYS = 3;  // up to this many keys, scores as dot products (fewer FMAs than a vector of keys)
+// up to this many changed keys, scores are dot products (fewer FMAs than a vector over the keys; faster at 1-3 keys)
+static constexpr int64_t FEW_KEYS = 3;
 
 static inline int64_t padded(int64_t n) { return (n + V - 1) / V * V; }
 
@@ -197,7 +198,7 @@ struct Step {
     int64_t lse_sb, lse_sh, lse_sl;
     const float* bias;  // additive [B, H, L, L] by strides (last one 1), or null
     int64_t bias_sb, bias_sh, bias_sl;
-    int64_t H, Hk, L, D, g;
+    int64_t H, L, D, g;
     float scale, floor, tau;
 
     float& lse_at(int64_t b, int64_t h, int64_t l) const { return lse[b * lse_sb + h * lse_sh + l * lse_sl]; }
@@ -366,7 +367,7 @@ extern "C" void kernel(
     const Step st{{q, q_sb, q_sh, q_sl}, {k, k_sb, k_sh, k_sl}, {v, v_sb, v_sh, v_sl},
                   {kp, kp_sb, kp_sh, kp_sl}, {vp, vp_sb, vp_sh, vp_sl}, {ctx, c_sb, c_sh, c_sl},
                   {out, o_sb, o_sh, o_sl}, lse, lse_sb, lse_sh, lse_sl,
-                  reinterpret_cast<const float*>(bias), bias_sb, bias_sh, bias_sl, H, Hk, L, D, H / Hk,
+                  reinterpret_cast<const float*>(bias), bias_sb, bias_sh, bias_sl, H, L, D, H / Hk,
                   scale, floor, tau};
     enum : uint8_t { KEPT, EXACT, INCREMENTAL };
     std::vector<std::vector<int64_t>> cols(B);  // per sequence, the changed columns
