@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 
 from . import cpp_build
-from .delta_attention import CANCELLATION_FLOOR, _additive
+from .delta_attention import CANCELLATION_FLOOR, _additive, _output
+from .exact_attention import update_context
 from .incremental_attention import incremental_attention_step
-from .saliency import saliency_reference
 
 _SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
@@ -88,11 +88,8 @@ static inline float dot(const float* a, const float* b, int64_t D) {
 static inline void scores(const float* q, int64_t D, const Keys& a, float* s, const Keys* b = nullptr,
                           float* t = nullptr) {
     const int64_t W = a.W;
-    if (a.kt.empty()) {  // few keys
-        for (int64_t j = 0; j < (int64_t)a.keys.size(); ++j) {
-            s[j] = dot(q, a.keys[j], D);
-            if (b) t[j] = dot(q, b->keys[j], D);
-        }
+    if (a.kt.empty()) {  // few keys (`exact` at a length of at most FEW_KEYS; `incremental_few` calls `dot` itself)
+        for (int64_t j = 0; j < (int64_t)a.keys.size(); ++j) s[j] = dot(q, a.keys[j], D);
         return;
     }
     for (int64_t w = 0; w < W; w += V) {
@@ -237,6 +234,19 @@ struct Step {
         }
     }
 
+    // Head h of row (b, l): out = (base * ctx - sum_i eo_i vp_i + sum_i en_i v_i) / den, one weighted sum over the
+    // 2n value rows (eo, en: the old and new columns' exp(score - max); ko, kn: their previous and current K/V)
+    void update(int64_t b, int64_t h, int64_t l, int64_t n, const float* eo, const float* en, float base, float den,
+                const Keys& ko, const Keys& kn, Scratch& x) const {
+        for (int64_t i = 0; i < n; ++i) {
+            x.w[i] = -eo[i] / den;
+            x.w[n + i] = en[i] / den;
+            x.rows[i] = ko.values[i];
+            x.rows[n + i] = kn.values[i];
+        }
+        weighted_rows(out.at(b, h, l), ctx.at(b, h, l), base / den, 2 * n, x.w.data(), x.rows.data(), D);
+    }
+
     // `incremental` for up to FEW_KEYS changed columns: every head's scores as dot products, then the softmax
     // bookkeeping (exp, log) of all heads at once, in vectors over the heads.
     bool incremental_few(int64_t b, int64_t l, const std::vector<int64_t>& cols, const Keys* old_keys,
@@ -278,14 +288,7 @@ struct Step {
             (Vec::loadu(mx + h, cnt) + Vec::loadu(den + h, cnt).log()).store(lse_new + h, cnt);
         }
         for (int64_t h = 0; h < H; ++h) {
-            const Keys &ko = old_keys[h / g], &kn = new_keys[h / g];
-            for (int64_t i = 0; i < n; ++i) {
-                x.w[i] = -so[h * n + i] / den[h];
-                x.w[n + i] = sn[h * n + i] / den[h];
-                x.rows[i] = ko.values[i];
-                x.rows[n + i] = kn.values[i];
-            }
-            weighted_rows(out.at(b, h, l), ctx.at(b, h, l), base[h] / den[h], 2 * n, x.w.data(), x.rows.data(), D);
+            update(b, h, l, n, so + h * n, sn + h * n, base[h], den[h], old_keys[h / g], new_keys[h / g], x);
             lse_at(b, h, l) = lse_new[h];
         }
         return true;
@@ -314,14 +317,7 @@ struct Step {
             const float rest = base - w_old;
             if (rest < floor * base) return false;
             const float den = rest + w_new;
-            // (base * c0 - sum_i so_i vp_i + sum_i sn_i v_i) / den, as one weighted sum over 2n rows
-            for (int64_t i = 0; i < n; ++i) {
-                x.w[i] = -so[i] / den;
-                x.w[n + i] = sn[i] / den;
-                x.rows[i] = ko.values[i];
-                x.rows[n + i] = kn.values[i];
-            }
-            weighted_rows(out.at(b, h, l), ctx.at(b, h, l), base / den, 2 * n, x.w.data(), x.rows.data(), D);
+            update(b, h, l, n, so, sn, base, den, ko, kn, x);
             lse_at(b, h, l) = mx + std::log(den);
         }
         return true;
@@ -515,17 +511,11 @@ def _dense_step(q, k, v, bias, query_rows, always_rows, k_prev, v_prev, ctx_cach
     keys, values = (k, v) if g == 1 else (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
     ctx, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, False,
                                                                            attn_mask=bias, scale=scale)[:2]
-    new = query_rows[:, None, :]
-    B, H, L, D = q.shape
-    ctx = torch.where(new[..., None], ctx, ctx_cache, out=q.new_empty(B, L, H, D).transpose(1, 2))  # the op's layout
-    salient = saliency_reference(ctx, ctx_cache, query_rows, always_rows, tau)
-    ctx_cache.copy_(ctx)
-    lse_cache.copy_(torch.where(new, lse, math.inf))
+    ctx, salient = update_context(ctx, ctx_cache, query_rows, always_rows, stats, tau)
+    lse_cache.copy_(torch.where(query_rows[:, None, :], lse, math.inf))
     k_prev.copy_(k)
     v_prev.copy_(v)
-    n_query = query_rows.sum()
-    stats.copy_(torch.stack([salient.sum(), n_query, torch.zeros_like(n_query), n_query]))
-    return ctx, salient
+    return _output(ctx, q.dtype, copy=False), salient
 
 
 torch.library.impl("dyllm::attention_step", "CompositeExplicitAutograd")(attention_step)
