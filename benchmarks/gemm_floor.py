@@ -5,8 +5,8 @@
 At a sparse step's few rows a linear reads its whole weight for little arithmetic, so the step's GEMMs cost about
 the time to stream every weight once, whatever the salient fraction. Each figure is one pass over every
 `nn.Linear` of the model (each weight once, the LM head included), median of `--repeats`:
-- `packed_linear`: the backend's CPU path below tau = 1 (`row_gemm` up to `FEW_ROWS` rows, oneDNN beyond);
-- `oneDNN packed`: oneDNN on a prepacked fp32 weight at every row count (the path beyond `FEW_ROWS` rows);
+- `packed_linear`: the backend's CPU path below tau = 1 (`panel_gemm` on its panel-packed copy, any row count);
+- `oneDNN packed`: oneDNN on its own prepacked fp32 weight (`packed_linear`'s path where the C++ is not built);
 - `F.linear`: MKL, the path at tau = 1.0;
 - `read`: `sum` over every weight, a streaming read of the bytes: the floor;
 - `packed bf16` (where the CPU has a bf16 GEMM): a bf16 copy packed the same way, for comparison only (the backend does not use it: it changes
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dyllm_fx.bench import median_ms
-from dyllm_fx.kernels.packed_linear import PACK_ROWS_HINT, available, packed_linear, packed_weights
+from dyllm_fx.kernels.packed_linear import PACK_ROWS_HINT, available, packed_linear
 from dyllm_fx.models import get_model
 
 
@@ -52,7 +52,7 @@ def main(argv=None) -> list[dict]:
             paths = {"F.linear": lambda: [F.linear(x, w) for x, w in zip(xs, weights)]}
             if packed:
                 paths["packed_linear"] = lambda: [packed_linear(x, [w], [None]) for x, w in zip(xs, weights)]
-                onednn = [packed_weights([w], [None])[0] for w in weights]
+                onednn = [torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) for w in weights]
                 paths["oneDNN packed"] = lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
                                                   for x, w in zip(xs, onednn)]
                 if bf16 is not None:

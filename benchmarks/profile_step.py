@@ -20,8 +20,8 @@ from dyllm_fx.bench import left_to_right_steps
 # (group, test on an op's name); an op goes to the first group whose test it passes. Self times partition the
 # profiled time, so the groups add up to it.
 GROUPS = [
-    ("GEMMs (aten::mm/addmm, oneDNN linear, row_gemm)",
-     lambda n: n in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "dyllm::row_gemm")),
+    ("GEMMs (aten::mm/addmm, oneDNN linear, panel_gemm)",
+     lambda n: n in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "dyllm::panel_gemm")),
     ("attention (SDPA, attention_step)", lambda n: "scaled_dot_product" in n or n == "dyllm::attention_step"),
     ("Inductor's C++ kernels (gathers, norms, RoPE, SwiGLU, cache writes, saliency)",
      lambda n: n.startswith("graph_") and "_cpp_" in n),

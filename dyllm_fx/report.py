@@ -44,7 +44,7 @@ class Report:
     cache_points: list = field(default_factory=list)
     attention: dict = field(default_factory=dict)  # site index -> form of its sparse step (`RewriteResult`)
     cache_bytes: int = 0
-    packed_bytes: int = 0  # oneDNN copies of the gated linears' weights (`packed_weights`)
+    packed_bytes: int = 0  # packed copies of the gated linears' weights (`packed_weights`)
     grouped_linears: int = 0  # packed linears computed with others that read the same rows, one GEMM per group
     fused_pairs: int = 0  # gated SwiGLU/GeGLU pairs computed by one sparse-row linear (`passes/gated_pairs.py`)
     batch: int = 0
@@ -91,7 +91,7 @@ class Report:
             out.append(f"gated pairs: {self.fused_pairs} MLP gate/up projection pairs (SwiGLU/GeGLU), each fused into "
                        "one sparse-row linear (one pass over the input's rows)")
         if self.packed_bytes:
-            out.append(f"packed weights: {self.packed_bytes / 2**20:.2f} MiB, oneDNN copies of the gated linears' "
+            out.append(f"packed weights: {self.packed_bytes / 2**20:.2f} MiB, packed copies of the gated linears' "
                        "fp32 weights (option packed_weights; False saves the memory, costs speed on CPU)")
         if self.grouped_linears:
             out.append(f"grouped linears: {self.grouped_linears} gated linears share their input rows with others "

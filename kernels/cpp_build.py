@@ -1,4 +1,4 @@
-"""Builds our CPU kernels' C++ (`row_gemm.py`, `attention_step_cpp.py`) with Inductor's C++ toolchain.
+"""Builds our CPU kernels' C++ (`panel_gemm.py`, `attention_step_cpp.py`) with Inductor's C++ toolchain.
 
 `load(name, argtypes, source, fallback)` compiles `source`, whose `extern "C" void kernel(...)` takes `argtypes`,
 once per process (Inductor also caches the library on disk) and returns it as a Python callable: a tensor for

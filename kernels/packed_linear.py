@@ -1,20 +1,20 @@
-"""`packed_linear`: the compact path's CPU linear below tau = 1, on the few rows of a sparse step.
+"""`packed_linear`: the compact path's CPU linear below tau = 1, on a sparse step's few rows and a dense step's all.
 
 `packed_linear(x, [w1, w2, ...], [b1, b2, ...])` is `cat([F.linear(x, w1, b1), F.linear(x, w2, b2), ...], -1)`:
 linears that read the same rows (a layer's Q, K and V projections, an MLP's gate and up) are one call
 (`passes/shared_input_linears.py`). A bias may be None.
 
-Up to `FEW_ROWS` rows (a sparse step) each weight goes through `row_gemm` (`row_gemm.py`): one pass over the
-plain weight, into its columns of the output. Beyond that (a dense step, every row) the group runs as one oneDNN
-GEMM on a copy of the concatenated weights packed once: MKL's fp32 GEMM, which `F.linear` calls on CPU, repacks
-the weight on every call, and at a few dozen rows that costs more than the arithmetic.
+The group's weights are concatenated and packed once into column panels, and every call is one `panel_gemm`
+(`panel_gemm.py`) at any row count. MKL's fp32 GEMM, which `F.linear` calls on CPU, repacks the weight on every
+call, and at a sparse step's few rows that costs more than the arithmetic. Where the C++ kernel cannot be built,
+the packed copy is oneDNN's and every call is one oneDNN GEMM.
 
-Up to `FEW_ROWS` rows a row's result does not depend on the other rows of its call (tested); oneDNN's may
+With `panel_gemm` a row's result does not depend on the other rows of its call (tested); with oneDNN it may
 (seen with torch 2.11 between 1 and 3 rows). Both sum in another order than MKL (results differ from
 `F.linear` by fp32 rounding), which is why tau = 1.0 keeps the MKL path: there the rewritten model reproduces
 the original bit for bit.
 
-The packed copies live in `_PACKED`, keyed weakly by the group's first weight (dropped with it) and re-made when
+The packed copies live in `_PACKED`, keyed by the group's first weight (the entry is dropped with it) and re-made when
 a weight or bias of the group is another tensor or its version counter moved (an in-place update). They cost as
 much memory as the weights they copy.
 """
@@ -24,22 +24,20 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.weak import WeakTensorKeyDictionary
 
-from . import row_gemm
+from . import panel_gemm
 
-# first weight -> (weakrefs to the group's weights and biases, their versions, packed weight, concatenated bias)
-_PACKED = WeakTensorKeyDictionary()
-PACK_ROWS_HINT = 16  # the row count oneDNN chooses its packed layout for
-# up to this many rows `row_gemm`: a sparse step's regions, mostly 2-8 rows on the default model, run faster
-# on it than on oneDNN (README, "Where the time goes")
-FEW_ROWS = 32
+# id(first weight) -> (weakrefs to the group's weights and biases, their versions, packed weight, packed bias); a
+# plain dict (a weak-keyed one cost more per lookup than a sparse step's GEMM on a few rows), cleared by the first
+# weakref's callback when the weight is freed
+_PACKED: dict = {}
+PACK_ROWS_HINT = 16  # the row count oneDNN chooses its packed layout for (where panel_gemm is not built)
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def available(dtype: torch.dtype, device) -> bool:
-    """Whether `packed_linear` runs oneDNN for this weight dtype and device (else it is `F.linear`)."""
-    return _ONEDNN and torch.device(device).type == "cpu" and dtype == torch.float32
+    """Whether `packed_linear` runs a packed GEMM for this weight dtype and device (else it is `F.linear`)."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and (_ONEDNN or panel_gemm.available())
 
 
 def _concatenated_bias(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> Optional[Tensor]:
@@ -48,18 +46,26 @@ def _concatenated_bias(weights: Sequence[Tensor], biases: Sequence[Optional[Tens
     return torch.cat([w.new_zeros(w.shape[0]) if b is None else b.detach() for w, b in zip(weights, biases)])
 
 
+def _pack(w: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    if panel_gemm.available():
+        return panel_gemm.pack(w), panel_gemm.pack_bias(bias)
+    return torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT), bias
+
+
 def packed_weights(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> tuple[Tensor, Optional[Tensor]]:
-    """The oneDNN-packed copy of the concatenated `weights` and the concatenated `biases`, made on first use and
-    again after any of them is replaced or updated in place."""
+    """The packed copy of the concatenated `weights` and the concatenated `biases` (panel layout where
+    `panel_gemm` is built, else oneDNN's), made on first use and again after any of them is replaced or updated
+    in place."""
     parts = (*weights, *(b for b in biases if b is not None))
-    versions = tuple(t._version for t in parts)
-    entry = _PACKED.get(weights[0])
-    if entry is None or entry[1] != versions or len(entry[0]) != len(parts) or \
+    key = id(weights[0])
+    entry = _PACKED.get(key)
+    if entry is None or len(entry[0]) != len(parts) or entry[1] != tuple(t._version for t in parts) or \
             any(ref() is not t for ref, t in zip(entry[0], parts)):
         w = weights[0].detach() if len(weights) == 1 else torch.cat([w.detach() for w in weights])
-        entry = (tuple(weakref.ref(t) for t in parts), versions,
-                 torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT), _concatenated_bias(weights, biases))
-        _PACKED[weights[0]] = entry
+        refs = (weakref.ref(weights[0], lambda _, key=key: _PACKED.pop(key, None)),
+                *(weakref.ref(t) for t in parts[1:]))
+        entry = (refs, tuple(t._version for t in parts), *_pack(w, _concatenated_bias(weights, biases)))
+        _PACKED[key] = entry
     return entry[2], entry[3]
 
 
@@ -75,18 +81,18 @@ torch.library.define("dyllm::packed_linear", "(Tensor x, Tensor[] weights, Tenso
 
 @torch.library.impl("dyllm::packed_linear", "CPU")
 def _packed_linear_cpu(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]]) -> Tensor:
-    flat = x.reshape(-1, x.shape[-1])
     n = sum(w.shape[0] for w in weights)
+    kernel = panel_gemm.available()
+    if x.dtype != torch.float32 or any(w.dtype != torch.float32 for w in weights) or not (kernel or _ONEDNN):
+        return _plain(x, weights, biases)
+    flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], n)
-    if flat.shape[0] <= FEW_ROWS:
-        out = row_gemm.linears(flat, weights, biases)
-        if out is not None:
-            return out.view(*x.shape[:-1], n)
-    if not _ONEDNN or x.dtype != torch.float32 or any(w.dtype != torch.float32 for w in weights):
-        return _plain(x, weights, biases)
     packed, bias = packed_weights(weights, biases)
-    y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), packed, bias, "none", [], "")
+    if kernel:
+        y = panel_gemm.run(flat if flat.stride(1) == 1 else flat.contiguous(), packed, bias, n)
+    else:
+        y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), packed, bias, "none", [], "")
     return y.view(*x.shape[:-1], n)
 
 

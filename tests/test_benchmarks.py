@@ -28,7 +28,7 @@ def test_kernel_table_runs_at_tiny_sizes(capsys):
 def test_step_profile_groups_add_up_to_the_profiled_time():
     profile_step = _script("profile_step")
     events = [SimpleNamespace(key=k, self_cpu_time_total=us) for k, us in [
-        ("aten::mm", 2000.0), ("dyllm::row_gemm", 1000.0), ("mkldnn::_linear_pointwise", 1000.0), ("aten::_scaled_dot_product_flash_attention_for_cpu",
+        ("aten::mm", 2000.0), ("dyllm::panel_gemm", 1000.0), ("mkldnn::_linear_pointwise", 1000.0), ("aten::_scaled_dot_product_flash_attention_for_cpu",
          1000.0), ("dyllm::attention_step", 1000.0), ("graph_0_cpp_fused_add_0", 1000.0), ("dyllm::select_rows", 500.0), ("aten::nonzero", 500.0),
         ("aten::view", 2000.0)]]
     text = profile_step.grouped(events, steps=2)

@@ -1,5 +1,5 @@
-"""`packed_linear` (`kernels/packed_linear.py`): `row_gemm` on few rows, oneDNN on a prepacked weight beyond, and
-when the rewrite uses it."""
+"""`packed_linear` (`kernels/packed_linear.py`): `panel_gemm` on a weight packed once (oneDNN where the C++ is not
+built), and when the rewrite uses it."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,107 +7,110 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import dyllm_fx
 from dyllm_fx.backend import graphs_of
-from dyllm_fx.kernels import cpp_build, packed_linear as packed, row_gemm
+from dyllm_fx.kernels import cpp_build, packed_linear as packed, panel_gemm
 from dyllm_fx.kernels.compact_rows import rows_linear
 from dyllm_fx.models import llada_like
 from trajectories import left_to_right, rows_seen_by_gated_linears, run_both
 
 ops = torch.ops.dyllm
-needs_onednn = pytest.mark.skipif(not packed.available(torch.float32, "cpu"), reason="torch built without oneDNN")
+needs_onednn = pytest.mark.skipif(not packed._ONEDNN, reason="torch built without oneDNN")
+needs_kernel = pytest.mark.skipif(not panel_gemm.available(), reason="panel_gemm's C++ could not be built")
 
 
 def plain(x, weights, biases):
     return torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)
 
 
+@needs_kernel
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 @given(k=st.integers(1, 80), widths=st.lists(st.integers(1, 70), min_size=1, max_size=3),
-       total=st.integers(1, 2 * packed.FEW_ROWS), bias=st.lists(st.booleans(), min_size=3, max_size=3),
-       seed=st.integers(0, 99))
-def test_a_row_gets_the_same_bits_whatever_few_rows_share_its_call(k, widths, total, bias, seed):
-    """Up to FEW_ROWS rows (`row_gemm`) a row's result does not depend on the other rows of the call; on more
-    rows (oneDNN) the result is within rounding of `F.linear`."""
+       total=st.integers(1, 40), bias=st.lists(st.booleans(), min_size=3, max_size=3), seed=st.integers(0, 99))
+def test_a_row_gets_the_same_bits_whatever_rows_share_its_call(k, widths, total, bias, seed):
+    """A row's result does not depend on the other rows of the call, and is within rounding of `F.linear`."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(total, k, generator=g)
     weights = [torch.randn(n, k, generator=g) for n in widths]
     biases = [torch.randn(n, generator=g) if has else None for n, has in zip(widths, bias)]
     full = ops.packed_linear(x, weights, biases)
     torch.testing.assert_close(full, plain(x, weights, biases), rtol=1e-5, atol=1e-5)
-    for m in sorted({0, 1, 2, total // 2, total}):
-        if m > packed.FEW_ROWS:
-            continue
+    one_by_one = torch.cat([ops.packed_linear(x[r:r + 1], weights, biases) for r in range(total)])
+    assert torch.equal(full, one_by_one)
+    for m in sorted({0, 1, 2, total // 2}):
         rows = torch.randperm(total, generator=g)[:m]
-        one_by_one = [ops.packed_linear(x[r:r + 1], weights, biases) for r in rows.tolist()]
-        expected = torch.cat(one_by_one) if one_by_one else full[:0]
-        assert torch.equal(ops.packed_linear(x[rows], weights, biases), expected), f"{m} of {total} rows"
+        assert torch.equal(ops.packed_linear(x[rows], weights, biases), full[rows]), f"{m} of {total} rows"
 
 
+@needs_kernel
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-@given(m=st.integers(1, 12), n=st.integers(1, 21), k=st.integers(1, 40), pad=st.integers(0, 5),
-       left=st.integers(0, 3), bias=st.booleans(), seed=st.integers(0, 99))
-def test_row_gemm_writes_the_linear_into_its_columns_alone(m, n, k, pad, left, bias, seed):
-    """Any row and column count (vector tails, weight rows beyond the blocks of 4), inputs with a row stride
-    wider than their width, and an output that is a column slice of a wider tensor."""
+@given(m=st.integers(1, 20), n=st.integers(1, 40), k=st.integers(1, 40), pad=st.integers(0, 5),
+       bias=st.booleans(), row_block=st.sampled_from([1, 5, 7, 256]), seed=st.integers(0, 99))
+def test_panel_gemm_is_the_linear(m, n, k, pad, bias, row_block, seed):
+    """Any row count (chunks of 1-6 rows), column count (a partial last panel), passes over the weight, and
+    inputs with a row stride wider than their width."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k + pad, generator=g)[:, :k]
     w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g) if bias else None
-    out = torch.full((m, left + n + 2), 7.0)
-    assert row_gemm.supported(x, w, b)
-    row_gemm.row_gemm(x, w, b, out[:, left:left + n])
-    torch.testing.assert_close(out[:, left:left + n], F.linear(x, w, b), rtol=1e-5, atol=1e-5)
-    assert (out[:, :left] == 7).all() and (out[:, left + n:] == 7).all()
+    assert panel_gemm.takes(x)
+    out = panel_gemm.linear(x, panel_gemm.pack(w), panel_gemm.pack_bias(b), n, row_block=row_block)
+    torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-def test_row_gemm_refuses_what_it_cannot_take():
+@needs_kernel
+def test_panel_gemm_refuses_what_it_cannot_take():
     x, w = torch.randn(3, 8), torch.randn(4, 8)
-    assert not row_gemm.supported(x.double(), w.double(), None)
-    assert not row_gemm.supported(x, w.t().contiguous().t(), None)  # a weight that is not contiguous
-    assert not row_gemm.supported(x.t().contiguous().t(), w, None)  # columns not contiguous
-    with pytest.raises(ValueError, match="out must be"):
-        row_gemm.row_gemm(x, w, None, torch.empty(3, 5))
-    with pytest.raises(ValueError, match="fp32 CPU tensors"):
-        row_gemm.row_gemm(x.double(), w.double(), None, torch.empty(3, 4))
+    assert not panel_gemm.takes(x.double())
+    assert not panel_gemm.takes(x.t().contiguous().t())  # columns not contiguous
+    with pytest.raises(ValueError, match="float32 CPU input"):
+        panel_gemm.linear(x.double(), panel_gemm.pack(w), None, 4)
+    with pytest.raises(ValueError, match="packed must be pack"):
+        panel_gemm.linear(x, w, None, 4)  # the plain weight
+    with pytest.raises(ValueError, match="packed must be pack"):
+        panel_gemm.linear(x, panel_gemm.pack(w), None, 40)
+    with pytest.raises(ValueError, match="bias must be pack_bias"):
+        panel_gemm.linear(x, panel_gemm.pack(w), torch.randn(4), 4)
+    with pytest.raises(ValueError, match="2-D float32 weight"):
+        panel_gemm.pack(w.double())
 
 
-def test_row_gemm_is_a_named_event_under_the_profiler():
+@needs_kernel
+def test_panel_gemm_is_a_named_event_under_the_profiler():
     """`benchmarks/profile_step.py` counts it with the GEMMs."""
     with torch.profiler.profile() as prof:
         ops.packed_linear(torch.randn(3, 8), [torch.randn(5, 8)], [None])
-    assert "dyllm::row_gemm" in {e.key for e in prof.key_averages()}
+    assert "dyllm::panel_gemm" in {e.key for e in prof.key_averages()}
 
 
-def test_without_the_compiled_kernel_the_few_rows_take_onednn_with_one_warning(monkeypatch):
+@needs_onednn
+def test_without_the_compiled_kernel_packed_linear_takes_onednn_with_one_warning(monkeypatch):
     from torch._inductor.codecache import CppPythonBindingsCodeCache
 
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler")
 
-    cpp_build.forget("row_gemm")
+    cpp_build.forget("panel_gemm")
     monkeypatch.setattr(CppPythonBindingsCodeCache, "load_pybinding", broken)
     try:
-        x, w = torch.randn(3, 8), torch.randn(5, 8)
+        x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
         with pytest.warns(UserWarning, match="could not be compiled"):
-            y = ops.packed_linear(x, [w], [None])
-        torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
-        assert not row_gemm.available()
+            y = ops.packed_linear(x, [w], [b])
+        torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        assert not panel_gemm.available()
     finally:
-        cpp_build.forget("row_gemm")
+        cpp_build.forget("panel_gemm")
 
 
-@needs_onednn
 def test_keeps_the_leading_axes_and_repacks_after_an_in_place_update():
-    x, w = torch.randn(2, 1, packed.FEW_ROWS, 8), torch.randn(6, 8)  # more than FEW_ROWS rows: oneDNN
+    x, w = torch.randn(2, 1, 7, 8), torch.randn(6, 8)
     y = ops.packed_linear(x, [w], [None])
-    assert y.shape == (2, 1, packed.FEW_ROWS, 6)
+    assert y.shape == (2, 1, 7, 6)
     torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         w.mul_(-2.0)
     torch.testing.assert_close(ops.packed_linear(x, [w], [None]), F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-@needs_onednn
 def test_a_group_repacks_when_any_member_changes_or_is_replaced():
-    x, w1, w2, b2 = torch.randn(packed.FEW_ROWS + 1, 8), torch.randn(4, 8), torch.randn(5, 8), torch.randn(5)
+    x, w1, w2, b2 = torch.randn(9, 8), torch.randn(4, 8), torch.randn(5, 8), torch.randn(5)
     ops.packed_linear(x, [w1, w2], [None, b2])
     with torch.no_grad():
         b2.add_(1.0)  # in place: the version counter moves
@@ -150,15 +153,15 @@ def test_gated_linears_use_packed_weights_below_tau_one(tau, packed_weights, exp
     assert other not in [n.target for n in graph.rewritten.graph.nodes]
 
 
-def test_the_few_rows_gemm_is_built_with_the_graph_not_at_the_first_sparse_step():
+def test_the_gemm_is_built_with_the_graph_not_at_the_first_call():
     torch._dynamo.reset()
-    cpp_build.forget("row_gemm")
+    cpp_build.forget("panel_gemm")
     model = llada_like(hidden_size=16, num_layers=2, num_heads=2, head_dim=8, vocab_size=53)
     compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, policy="full", lowering="eager"),
                              dynamic=False)
     with torch.no_grad():
-        compiled(torch.randint(0, 50, (2, packed.FEW_ROWS)))  # a dense step: more rows than row_gemm takes
-    assert cpp_build.built("row_gemm") and row_gemm.available()
+        compiled(torch.randint(0, 50, (2, 9)))
+    assert cpp_build.built("panel_gemm") and panel_gemm.available()
 
 
 def test_linears_reading_the_same_rows_are_one_call():
@@ -180,7 +183,6 @@ def test_packed_weights_need_the_compact_path():
         dyllm_fx.backend(packed_weights=True, compact_rows=False)
 
 
-@needs_onednn
 @pytest.mark.slow
 def test_packed_weights_under_inductor_stay_within_rounding_of_eager():
     torch._dynamo.reset()

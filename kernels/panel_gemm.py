@@ -1,0 +1,172 @@
+"""`panel_gemm`: `x @ w.T (+ b)` on CPU on a weight packed once in column panels, at any row count.
+
+The compact path's CPU GEMM below tau = 1 (`packed_linear.py`), on a sparse step's few rows and a dense step's
+every row alike.
+
+Layout (`pack`): the weight `[N, K]` becomes `[ceil(N / 16), K, 16]`, the last panel zero-padded. Panel `p`
+holds output columns `16p .. 16p + 15`, the 16 weights of each `k` side by side, so a panel is one sequential
+read. The bias is padded the same way.
+
+Kernel: threads take panels. For each panel the rows go in balanced chunks of at most 6. For every `k`, the
+panel's 16 weights at `k` (two AVX2 vectors) times `x[i, k]` broadcast go into 12 accumulators (6 rows x 2
+vectors: 12 independent FMA chains, 15 of AVX2's 16 registers). There are no horizontal sums. A panel comes from
+memory once per block of `ROW_BLOCK` rows and from L1/L2 for its other chunks.
+
+At a sparse step's 2-8 rows the time is one read of the weights. At a dense step's hundreds of rows the FMAs
+bound it. On the development machine (2 AVX2 cores) it was faster than oneDNN on oneDNN's own packed weight
+there, so one packed copy serves both steps (README, "Where the time goes").
+
+Each output is one sum over `k` in order, in one vector lane, plus the bias. A row's result does not depend on
+the other rows of its call, at any row count (batch invariant). The order is not BLAS's, so results differ from
+`F.linear` by fp32 rounding.
+
+The C++ is compiled once per process (and cached on disk) by Inductor's C++ toolchain (`cpp_build.py`).
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import cpp_build
+
+PANEL = 16  # output columns per panel
+ROW_BLOCK = 256  # rows per pass over the weight: a dense step of the default model is one pass
+
+_SOURCE = r"""
+#include <torch/csrc/inductor/cpp_prefix.h>
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t PANEL = 16;
+constexpr int NV = PANEL / Vec::size();  // vectors per panel row: 2 with AVX2, 1 with AVX-512
+static_assert(PANEL % Vec::size() == 0, "a panel is whole vectors");
+
+// acc[i] += x[i, k] * wk[0:PANEL] for the MB rows of a chunk
+template <int MB>
+static inline void step(Vec (&acc)[MB][NV], const float* x, const float* wk, int64_t ldx) {
+    Vec w[NV];
+    for (int v = 0; v < NV; ++v) w[v] = Vec::loadu(wk + v * Vec::size());
+    for (int i = 0; i < MB; ++i) {
+        Vec xb(x[i * ldx]);
+        for (int v = 0; v < NV; ++v) acc[i][v] = at::vec::fmadd(xb, w[v], acc[i][v]);
+    }
+}
+
+// out[i, 0:cols] = bias + sum_k x[i, k] * panel[k, 0:cols] for MB rows
+template <int MB>
+static inline void chunk(const float* x, const float* panel, const float* bias, float* out, int64_t K, int64_t ldx,
+                         int64_t ldo, int64_t cols) {
+    Vec acc[MB][NV];
+    for (int i = 0; i < MB; ++i)
+        for (int v = 0; v < NV; ++v) acc[i][v] = Vec(0.f);
+    for (int64_t k = 0; k < K; ++k) step<MB>(acc, x + k, panel + k * PANEL, ldx);
+    for (int v = 0; v < NV; ++v) {
+        const int64_t left = cols - v * Vec::size();
+        if (left <= 0) break;
+        const Vec b = bias ? Vec::loadu(bias + v * Vec::size()) : Vec(0.f);
+        for (int i = 0; i < MB; ++i) {
+            Vec r = acc[i][v] + b;  // a copy: taking the accumulators' address would keep them in memory
+            if (left >= Vec::size()) r.store(out + i * ldo + v * Vec::size());
+            else r.store(out + i * ldo + v * Vec::size(), left);
+        }
+    }
+}
+
+static inline void rows(const float* x, const float* panel, const float* bias, float* out, int64_t M, int64_t K,
+                        int64_t ldx, int64_t ldo, int64_t cols) {
+    const int64_t chunks = (M + 5) / 6;
+    int64_t i = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t mb = (M - i) / (chunks - c);  // balanced: 7 rows are 4 + 3, not 6 + 1
+        const float* xc = x + i * ldx;
+        float* oc = out + i * ldo;
+        switch (mb) {
+            case 1: chunk<1>(xc, panel, bias, oc, K, ldx, ldo, cols); break;
+            case 2: chunk<2>(xc, panel, bias, oc, K, ldx, ldo, cols); break;
+            case 3: chunk<3>(xc, panel, bias, oc, K, ldx, ldo, cols); break;
+            case 4: chunk<4>(xc, panel, bias, oc, K, ldx, ldo, cols); break;
+            case 5: chunk<5>(xc, panel, bias, oc, K, ldx, ldo, cols); break;
+            default: chunk<6>(xc, panel, bias, oc, K, ldx, ldo, cols); break;
+        }
+        i += mb;
+    }
+}
+
+extern "C" void kernel(const float* x, const float* packed, uintptr_t bias_ptr, uintptr_t out_ptr, int64_t M,
+                       int64_t N, int64_t K, int64_t ldx, int64_t ldo, int64_t row_block) {
+    const float* bias = reinterpret_cast<const float*>(bias_ptr);
+    float* out = reinterpret_cast<float*>(out_ptr);
+    const int64_t panels = (N + PANEL - 1) / PANEL;
+    for (int64_t r = 0; r < M; r += row_block) {
+        const int64_t m = std::min(row_block, M - r);
+        #pragma omp parallel for schedule(static)
+        for (int64_t p = 0; p < panels; ++p)
+            rows(x + r * ldx, packed + p * PANEL * K, bias ? bias + p * PANEL : nullptr, out + r * ldo + p * PANEL,
+                 m, K, ldx, ldo, std::min(PANEL, N - p * PANEL));
+    }
+}
+"""
+_ARGTYPES = ["const float*", "const float*", "uintptr_t", "uintptr_t"] + ["int64_t"] * 6
+
+
+def _kernel():
+    """The compiled kernel, or None (with one warning) where it cannot be built: callers take another GEMM."""
+    return cpp_build.load("panel_gemm", _ARGTYPES, _SOURCE, "gated linears use oneDNN")
+
+
+def available() -> bool:
+    """Whether the kernel is built (compiles it at the first call, a few seconds, then from Inductor's cache)."""
+    return _kernel() is not None
+
+
+def pack(weight: Tensor) -> Tensor:
+    """`weight` `[N, K]` (fp32) as `[ceil(N / PANEL), K, PANEL]` column panels, the last one zero-padded."""
+    if weight.dim() != 2 or weight.dtype != torch.float32:
+        raise ValueError(f"panel_gemm.pack takes a 2-D float32 weight, got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    padded = F.pad(weight.detach(), (0, 0, 0, -n % PANEL))
+    return padded.view(-1, PANEL, k).transpose(1, 2).contiguous()
+
+
+def pack_bias(bias: Optional[Tensor]) -> Optional[Tensor]:
+    """`bias` `[N]` zero-padded to whole panels (None stays None)."""
+    return None if bias is None else F.pad(bias.detach().float(), (0, -bias.shape[0] % PANEL)).contiguous()
+
+
+def takes(x: Tensor) -> bool:
+    """Whether the kernel takes `x` as its input: fp32 on the CPU, 2-D, rows contiguous (any row stride)."""
+    return x.is_cpu and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1
+
+
+def linear(x: Tensor, packed: Tensor, bias: Optional[Tensor], n: int, row_block: int = ROW_BLOCK) -> Tensor:
+    """`F.linear(x, w, b)` as a new `[M, n]` tensor, from `packed = pack(w)` and `bias = pack_bias(b)`; the
+    kernel reads the weight once per `row_block` rows."""
+    if not takes(x):
+        raise ValueError("panel_gemm takes a float32 CPU input [M, K] with contiguous rows (use F.linear otherwise)")
+    if packed.dim() != 3 or packed.shape[1] != x.shape[1] or packed.shape[2] != PANEL or \
+            packed.shape[0] != -(-n // PANEL) or not packed.is_contiguous() or packed.dtype != torch.float32:
+        raise ValueError(f"panel_gemm: packed must be pack(w) of a float32 [{n}, {x.shape[1]}] weight, "
+                         f"got {packed.dtype} {tuple(packed.shape)}")
+    if bias is not None and (bias.shape != (packed.shape[0] * PANEL,) or not bias.is_contiguous()):
+        raise ValueError("panel_gemm: bias must be pack_bias(b) of a [n] bias")
+    if _kernel() is None:
+        raise RuntimeError("panel_gemm: the kernel could not be compiled (see the warning above); use F.linear")
+    return run(x, packed, bias, n, row_block)
+
+
+def run(x: Tensor, packed: Tensor, bias: Optional[Tensor], n: int, row_block: int = ROW_BLOCK) -> Tensor:
+    """`linear` for `packed_linear`, which made `packed` and `bias` itself: the kernel built, `x` fp32 on the CPU
+    with contiguous rows. Checks only the shared axis (it bounds the kernel's reads)."""
+    m, k = x.shape
+    if packed.shape[1] != k:
+        raise ValueError(f"panel_gemm: the input has {k} features, the weight {packed.shape[1]}")
+    out = x.new_empty(m, n)
+    if m and n:
+        args = (x, packed, 0 if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, x.stride(0), n, row_block)
+        # a named event for benchmarks/profile_step.py, only while profiling (record_function is an op call itself)
+        if torch.autograd.profiler._is_profiler_enabled:
+            with torch.profiler.record_function("dyllm::panel_gemm"):
+                _kernel()(*args)
+        else:
+            _kernel()(*args)
+    return out
