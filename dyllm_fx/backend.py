@@ -236,8 +236,10 @@ class CompiledGraph:
         r_linears = plan_linears(rewritten, r_analysis, r_sites, self.options.policy)
         device = example_inputs[token_index].device
         self.compact, packed = self.options.compact(device), self.options.packed(device)
-        # builds the C++ attention step now (seconds, once per process), not at the first sparse step
-        cpp_attention = self.compact and device.type == "cpu" and attention_step_cpp.available()
+        # builds the C++ attention step for the model's head dims now (seconds, once per process), not at the
+        # first sparse step
+        cpp_attention = self.compact and device.type == "cpu" and attention_step_cpp.available(
+            {s.head_dim for s in r_sites if s.supported})
         result = SaliencyRewrite(rewritten, r_analysis, r_sites, r_linears, self.options.tau,
                                  self.options.exact_below(device, cpp_attention), self.compact, packed,
                                  cpp_attention).run()

@@ -16,7 +16,7 @@ lse); operands it does not take run `incremental_attention_step` eagerly. The C+
 where it cannot be, `available()` is False and the backend traces the torch forms into the graph instead.
 """
 import math
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -36,9 +36,12 @@ _SOURCE = r"""
 
 using Vec = at::vec::Vectorized<float>;
 static constexpr int64_t V = Vec::size();
+// the head dim: a constant, one build per head dim (`_kernel`), so the loops over it are unrolled
+static constexpr int64_t D = HEAD_DIM;
 static constexpr float INF = std::numeric_limits<float>::infinity();
-// up to this many changed keys, scores are dot products (fewer FMAs than a vector over the keys; faster at 1-3 keys)
-static constexpr int64_t FEW_KEYS = 3;
+// up to this many changed keys, scores are dot products and the softmax bookkeeping runs in vectors over the heads
+// (faster than vectors over the keys, whose FMA chains run the length of D, at 1-16 keys: a sparse step's usual count)
+static constexpr int64_t FEW_KEYS = 16;
 
 static inline int64_t padded(int64_t n) { return (n + V - 1) / V * V; }
 
@@ -54,7 +57,7 @@ struct Keys {
     std::vector<float> kt;  // empty for FEW_KEYS keys or fewer: scores are then dot products over the key rows
     std::vector<const float*> keys, values;
     int64_t W = 0;
-    template <class Key, class Value> void fill(int64_t n, int64_t D, Key key, Value value) {
+    template <class Key, class Value> void fill(int64_t n, Key key, Value value) {
         W = padded(std::max<int64_t>(n, 1));
         keys.resize(n);
         values.resize(n);
@@ -70,7 +73,7 @@ struct Keys {
     }
 };
 
-static inline float dot(const float* a, const float* b, int64_t D) {
+static inline float dot(const float* a, const float* b) {
     Vec acc0(0.f), acc1(0.f);
     int64_t d = 0;
     for (; d + 2 * V <= D; d += 2 * V) {
@@ -85,11 +88,11 @@ static inline float dot(const float* a, const float* b, int64_t D) {
 }
 
 // s[0:W] = q . key_j for every j of `a` (0 past its keys), and t[0:W] the same over `b` (same W), when given
-static inline void scores(const float* q, int64_t D, const Keys& a, float* s, const Keys* b = nullptr,
+static inline void scores(const float* q, const Keys& a, float* s, const Keys* b = nullptr,
                           float* t = nullptr) {
     const int64_t W = a.W;
     if (a.kt.empty()) {  // few keys (`exact` at a length of at most FEW_KEYS; `incremental_few` calls `dot` itself)
-        for (int64_t j = 0; j < (int64_t)a.keys.size(); ++j) s[j] = dot(q, a.keys[j], D);
+        for (int64_t j = 0; j < (int64_t)a.keys.size(); ++j) s[j] = dot(q, a.keys[j]);
         return;
     }
     for (int64_t w = 0; w < W; w += V) {
@@ -143,7 +146,7 @@ static inline void scale_by(float* s, int64_t W, float f) {
 // c[0:D] = c0_scale * c0 (0 when c0 is null) + sum_i weight[i] * rows[i][0:D] (rows with weight 0 skipped),
 // eight vectors of D at a time (in registers)
 static inline void weighted_rows(float* c, const float* c0, float c0_scale, int64_t n, const float* weight,
-                                 const float* const* rows, int64_t D) {
+                                 const float* const* rows) {
     constexpr int U = 8;
     for (int64_t d = 0; d < D; d += U * V) {
         int64_t cnt[U];
@@ -195,7 +198,7 @@ struct Step {
     int64_t lse_sb, lse_sh, lse_sl;
     const float* bias;  // additive [B, H, L, L] by strides (last one 1), or null
     int64_t bias_sb, bias_sh, bias_sl;
-    int64_t H, L, D, g;
+    int64_t H, L, g;
     float scale, floor, tau;
 
     float& lse_at(int64_t b, int64_t h, int64_t l) const { return lse[b * lse_sb + h * lse_sh + l * lse_sl]; }
@@ -218,7 +221,7 @@ struct Step {
     void exact(int64_t b, int64_t l, const Keys* keys, Scratch& x) const {
         for (int64_t h = 0; h < H; ++h) {
             const Keys& kk = keys[h / g];
-            scores(q.at(b, h, l), D, kk, x.s.data());
+            scores(q.at(b, h, l), kk, x.s.data());
             finish_scores(x.s.data(), L, kk.W, bias_row(b, h, l), nullptr);
             const float mx = reduce_max(x.s.data(), kk.W);
             float* c = out.at(b, h, l);
@@ -229,7 +232,7 @@ struct Step {
             }
             const float sum = exp_sum(x.s.data(), kk.W, mx);
             scale_by(x.s.data(), kk.W, 1.f / sum);
-            weighted_rows(c, nullptr, 0.f, L, x.s.data(), kk.values.data(), D);
+            weighted_rows(c, nullptr, 0.f, L, x.s.data(), kk.values.data());
             lse_at(b, h, l) = mx + std::log(sum);
         }
     }
@@ -244,7 +247,7 @@ struct Step {
             x.rows[i] = ko.values[i];
             x.rows[n + i] = kn.values[i];
         }
-        weighted_rows(out.at(b, h, l), ctx.at(b, h, l), base / den, 2 * n, x.w.data(), x.rows.data(), D);
+        weighted_rows(out.at(b, h, l), ctx.at(b, h, l), base / den, 2 * n, x.w.data(), x.rows.data());
     }
 
     // `incremental` for up to FEW_KEYS changed columns: every head's scores as dot products, then the softmax
@@ -262,8 +265,8 @@ struct Step {
             float m = lse0;
             for (int64_t i = 0; i < n; ++i) {
                 const float bias_i = brow ? brow[cols[i]] : 0.f;
-                so[h * n + i] = dot(qv, ko.keys[i], D) * scale + bias_i;
-                sn[h * n + i] = dot(qv, kn.keys[i], D) * scale + bias_i;
+                so[h * n + i] = dot(qv, ko.keys[i]) * scale + bias_i;
+                sn[h * n + i] = dot(qv, kn.keys[i]) * scale + bias_i;
                 m = std::max(m, sn[h * n + i]);
             }
             mx[h] = m;
@@ -307,7 +310,7 @@ struct Step {
             const float* brow = bias_row(b, h, l);
             const Keys &ko = old_keys[h / g], &kn = new_keys[h / g];
             const int64_t W = kn.W;
-            scores(q.at(b, h, l), D, ko, so, &kn, sn);
+            scores(q.at(b, h, l), ko, so, &kn, sn);
             finish_scores(so, n, W, brow, cols.data());
             finish_scores(sn, n, W, brow, cols.data());
             const float lse0 = lse_at(b, h, l);
@@ -359,11 +362,11 @@ extern "C" void kernel(
         float* lse, int64_t lse_sb, int64_t lse_sh, int64_t lse_sl,
         uintptr_t bias, int64_t bias_sb, int64_t bias_sh, int64_t bias_sl,
         const bool* kv_rows, const bool* query, const bool* always, bool* salient, int64_t* stats,
-        int64_t B, int64_t H, int64_t Hk, int64_t L, int64_t D, float scale, float tau, float floor) {
+        int64_t B, int64_t H, int64_t Hk, int64_t L, float scale, float tau, float floor) {
     const Step st{{q, q_sb, q_sh, q_sl}, {k, k_sb, k_sh, k_sl}, {v, v_sb, v_sh, v_sl},
                   {kp, kp_sb, kp_sh, kp_sl}, {vp, vp_sb, vp_sh, vp_sl}, {ctx, c_sb, c_sh, c_sl},
                   {out, o_sb, o_sh, o_sl}, lse, lse_sb, lse_sh, lse_sl,
-                  reinterpret_cast<const float*>(bias), bias_sb, bias_sh, bias_sl, H, L, D, H / Hk,
+                  reinterpret_cast<const float*>(bias), bias_sb, bias_sh, bias_sl, H, L, H / Hk,
                   scale, floor, tau};
     enum : uint8_t { KEPT, EXACT, INCREMENTAL };
     std::vector<std::vector<int64_t>> cols(B);  // per sequence, the changed columns
@@ -372,20 +375,21 @@ extern "C" void kernel(
             if (kv_rows[b * L + j]) cols[b].push_back(j);
     std::vector<Keys> old_keys(B * Hk), new_keys(B * Hk), all_keys(B * Hk);
     std::vector<uint8_t> how(B * L, KEPT), exact_in(B, 0);
+    std::vector<int64_t> exact_rows;  // the rows of the second pass
     #pragma omp parallel
     {
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * Hk; ++i) {
             const int64_t b = i / Hk, h = i % Hk;
             const auto& c = cols[b];
-            old_keys[i].fill(c.size(), D, [&](int64_t j) { return st.kp.at(b, h, c[j]); },
+            old_keys[i].fill(c.size(), [&](int64_t j) { return st.kp.at(b, h, c[j]); },
                              [&](int64_t j) { return st.vp.at(b, h, c[j]); });
-            new_keys[i].fill(c.size(), D, [&](int64_t j) { return st.k.at(b, h, c[j]); },
+            new_keys[i].fill(c.size(), [&](int64_t j) { return st.k.at(b, h, c[j]); },
                              [&](int64_t j) { return st.v.at(b, h, c[j]); });
         }
         // every row: kept, updated incrementally, or marked exact for the second pass
         Scratch scratch(L, H);
-        #pragma omp for schedule(dynamic, 4)
+        #pragma omp for schedule(static, 8)
         for (int64_t r = 0; r < B * L; ++r) {
             const int64_t b = r / L, l = r % L;
             salient[r] = false;
@@ -406,18 +410,21 @@ extern "C" void kernel(
             if (how[r] == INCREMENTAL) salient[r] = st.commit(b, l);
         }
         #pragma omp single
-        for (int64_t r = 0; r < B * L; ++r) exact_in[r / L] |= how[r] == EXACT;
+        for (int64_t r = 0; r < B * L; ++r)
+            if (how[r] == EXACT) {
+                exact_in[r / L] = 1;
+                exact_rows.push_back(r);
+            }
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * Hk; ++i) {
             const int64_t b = i / Hk, h = i % Hk;
             if (exact_in[b])
-                all_keys[i].fill(L, D, [&](int64_t j) { return st.k.at(b, h, j); },
+                all_keys[i].fill(L, [&](int64_t j) { return st.k.at(b, h, j); },
                                  [&](int64_t j) { return st.v.at(b, h, j); });
         }
         #pragma omp for schedule(dynamic, 1)
-        for (int64_t r = 0; r < B * L; ++r) {
-            if (how[r] != EXACT) continue;
-            const int64_t b = r / L, l = r % L;
+        for (size_t i = 0; i < exact_rows.size(); ++i) {
+            const int64_t r = exact_rows[i], b = r / L, l = r % L;
             st.exact(b, l, &all_keys[b * Hk], scratch);
             salient[r] = st.commit(b, l);
         }
@@ -440,17 +447,20 @@ extern "C" void kernel(
 }
 """
 _ARGTYPES = (["float*"] + ["int64_t"] * 3) * 8 + ["uintptr_t"] + ["int64_t"] * 3 + \
-    ["const bool*"] * 3 + ["bool*", "int64_t*"] + ["int64_t"] * 5 + ["float"] * 3
+    ["const bool*"] * 3 + ["bool*", "int64_t*"] + ["int64_t"] * 4 + ["float"] * 3
 FALLBACK = "attention on sparse steps runs as torch ops"
 
 
-def _kernel():
-    return cpp_build.load("attention_step", _ARGTYPES, _SOURCE, FALLBACK)
+def _kernel(head_dim: int):
+    """The kernel built for `head_dim` (a constant in its C++), or None where it cannot be built."""
+    return cpp_build.load("attention_step", _ARGTYPES, _SOURCE.replace("HEAD_DIM;", f"{int(head_dim)};"), FALLBACK,
+                          variant=int(head_dim))
 
 
-def available() -> bool:
-    """Whether the kernel is built (compiles it at the first call, seconds, then from Inductor's cache)."""
-    return _kernel() is not None
+def available(head_dims: Iterable[int] = (64,)) -> bool:
+    """Whether the kernel is built for every head dim of `head_dims` (compiles them at the first call, seconds
+    each, then from Inductor's cache)."""
+    return all(_kernel(d) is not None for d in head_dims)
 
 
 def _takes(t: Tensor) -> bool:
@@ -463,6 +473,7 @@ def supported(q: Tensor, k: Tensor, v: Tensor, k_prev: Tensor, v_prev: Tensor, c
     query heads a multiple of the KV heads, `stats` a contiguous int64 row."""
     return (_takes(q) and _takes(k) and _takes(v) and _takes(k_prev) and _takes(v_prev) and _takes(ctx_cache)
             and lse_cache.is_cpu and lse_cache.dtype == torch.float32 and q.shape[1] % k.shape[1] == 0
+            and k.shape[3] == v.shape[3] == q.shape[3]
             and stats.dtype == torch.int64 and stats.is_contiguous())
 
 
@@ -482,7 +493,7 @@ def attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                    query_rows: Tensor, always_rows: Tensor, dense: Tensor, k_prev: Tensor, v_prev: Tensor,
                    ctx_cache: Tensor, lse_cache: Tensor, stats: Tensor, scale: float,
                    tau: float) -> tuple[Tensor, Tensor]:
-    kernel = _kernel()
+    kernel = _kernel(q.shape[3])
     if kernel is None or not supported(q, k, v, k_prev, v_prev, ctx_cache, lse_cache, stats):
         return incremental_attention_step(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_prev,
                                           v_prev, ctx_cache, lse_cache, stats, scale, tau)
@@ -499,7 +510,7 @@ def attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
     salient = torch.empty(B, L, dtype=torch.bool)
     kernel(*_strided(q), *_strided(k), *_strided(v), *_strided(k_prev), *_strided(v_prev), *_strided(ctx_cache),
            *_strided(out), *_strided(lse_cache), *bias_args, kv_rows.contiguous(), query_rows.contiguous(),
-           always_rows.contiguous(), salient, stats, B, H, k.shape[1], L, D, scale, tau, CANCELLATION_FLOOR)
+           always_rows.contiguous(), salient, stats, B, H, k.shape[1], L, scale, tau, CANCELLATION_FLOOR)
     return out, salient
 
 
