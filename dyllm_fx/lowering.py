@@ -1,12 +1,13 @@
 """Inductor lowering of the rewritten graph: one compile per distinct layer segment, not one per layer.
 
 The rewritten graph repeats one block per layer. Compiled whole, AOTAutograd and Inductor trace, schedule and
-generate code for every layer again. `SegmentedGraph` cuts it before each attention step the rewrite put in:
-segment i runs from attention i up to attention i + 1 (its output projection, MLP, and the next layer's norm and
-Q/K/V projections), the first segment holds the embedding and layer 0's projections, the last the final norm and
-the LM head. A segment reads everything that differs between layers as an input (weights, caches, its attention's
-row of the stats buffer, `passes/saliency_rewrite.py`), so identical layers give the same segment graph over other
-tensors: it is compiled once and every such layer calls the compiled function.
+generate code for every layer again. `SegmentedGraph` cuts it before the attention steps it is given (the backend
+gives every k-th step the rewrite put in, k = the `split_layers` option): with k = 1, segment i runs from attention
+i up to attention i + 1 (its output projection, MLP, and the next layer's norm and Q/K/V projections), the first
+segment holds the embedding and layer 0's projections, the last the final norm and the LM head; with k > 1 a
+middle segment spans k layers. A segment reads everything that differs between layers as an input (weights,
+caches, its attentions' rows of the stats buffer, `passes/saliency_rewrite.py`), so identical runs of layers give
+the same segment graph over other tensors: it is compiled once and every such run calls the compiled function.
 
 Segments exchange only tensors of static size: where a tensor of data-dependent size (a row index of the compact
 path) would cross a cut, the cut moves on to the first node past its last reader, or is dropped if the next

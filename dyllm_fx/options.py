@@ -1,12 +1,16 @@
 """Backend options, validated: `torch.compile(model, backend="dyllm", options={...})`."""
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 POLICIES = ("paper", "full")
 LOWERINGS = ("inductor", "eager")
 EXACT_ATTENTION_BELOW_CPU = 1024
+# layers per compiled segment of `split_layers=True`: on the default model 3 cost a first compile a few seconds
+# longer than 1 and made sparse steps faster (fewer cuts, each a compiled call Inductor fuses nothing across;
+# README "Compile time")
+LAYERS_PER_SEGMENT = 3
 
 
 @dataclass(frozen=True)
@@ -32,9 +36,10 @@ class Options:
     faster than MKL at every row count on CPU (README), one more copy of those weights in memory, results off
     `F.linear`'s by fp32 rounding; None: on below tau = 1.0 (at 1.0 the rewritten model reproduces the original
     bit for bit on CPU).
-    `split_layers`: with Inductor, compile the rewritten graph in segments cut at the attentions, each distinct
-    segment once (`dyllm_fx/lowering.py`: identical layers share one compile; README "Compile time"); False
-    compiles it whole."""
+    `split_layers`: with Inductor, compile the rewritten graph in segments cut at every `split_layers`-th
+    attention (True: `LAYERS_PER_SEGMENT`), each distinct segment once (`dyllm_fx/lowering.py`: identical
+    segments share one compile; README "Compile time"); False compiles it whole. More layers per segment: fewer
+    cuts per step (each costs a little), longer compiles."""
 
     tau: float = 0.99
     dense_steps: int = 4
@@ -45,7 +50,7 @@ class Options:
     exact_attention_below: Optional[int] = None
     compact_rows: Optional[bool] = None
     packed_weights: Optional[bool] = None
-    split_layers: bool = True
+    split_layers: Union[bool, int] = True
 
     def __post_init__(self):
         def bad(key, why):
@@ -72,10 +77,17 @@ class Options:
         if self.packed_weights and self.compact_rows is False:
             bad("packed_weights", "needs the compact path (packed weights serve its gated linears); drop "
                 "compact_rows=False or packed_weights=True")
-        if not isinstance(self.split_layers, bool):
-            bad("split_layers", "must be True or False")
+        if not isinstance(self.split_layers, bool) and (not isinstance(self.split_layers, int) or
+                                                         self.split_layers < 1):
+            bad("split_layers", "must be True, False or an int >= 1 (layers per compiled segment)")
         if isinstance(self.prompt_period, bool) or not isinstance(self.prompt_period, int) or self.prompt_period < 1:
             bad("prompt_period", "must be an int >= 1")
+
+    def layers_per_segment(self) -> int:
+        """Layers per compiled segment of `split_layers` (0: the graph whole)."""
+        if self.split_layers is True:
+            return LAYERS_PER_SEGMENT
+        return int(self.split_layers)
 
     def exact_below(self, device, cpp_attention: bool = False) -> int:
         """`cpp_attention`: whether the incremental step's C++ kernel is built (CPU)."""

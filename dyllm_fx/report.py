@@ -97,6 +97,7 @@ class Report:
             out.append(f"grouped linears: {self.grouped_linears} gated linears share their input rows with others "
                        "(Q/K/V, gate/up) and run as one GEMM per group")
         if self.segmented is not None and self.segmented.segments:
-            out.append(f"lowering: {self.segmented.segments} segments cut at the attentions, {self.segmented.compiles} "
-                       "Inductor compiles (layers with the same segment graph share one)")
+            out.append(f"lowering: {self.segmented.segments} segments cut at the attentions (option split_layers: "
+                       f"layers per segment), {self.segmented.compiles} Inductor compiles (segments with the same "
+                       "graph share one)")
         return "\n\n".join(out)

@@ -6,10 +6,11 @@ import dyllm_fx
 from dyllm_fx.backend import graphs_of
 from dyllm_fx.lowering import SegmentedGraph, signature
 from dyllm_fx.models import dream_like
+from dyllm_fx.options import LAYERS_PER_SEGMENT
 from trajectories import left_to_right, run_both
 
 
-def _decode(model, split: bool, steps: int = 8):
+def _decode(model, split, steps: int = 8):
     """Logits and stats rows of `steps` calls, one token changed per call, under a dyllm compile."""
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="dyllm", options={"tau": 0.95, "split_layers": split}, dynamic=False)
@@ -26,7 +27,7 @@ def _decode(model, split: bool, steps: int = 8):
 def test_identical_layers_compile_once_and_give_the_whole_graphs_results():
     model = dream_like(num_layers=4, hidden_size=56, gqa_ratio=7, head_dim=8, seed=3).eval()
     whole, whole_stats = _decode(model, split=False)
-    split, split_stats = _decode(model, split=True)
+    split, split_stats = _decode(model, split=1)
     segmented = graphs_of(model)[0].report.segmented
     # embedding + layer 0's projections, 3 identical middle segments, the last layer with the head
     assert (segmented.segments, segmented.compiles) == (5, 3)
@@ -99,9 +100,30 @@ def test_signature_ignores_names_and_sees_constants():
     assert signature(f_) != signature(h_)
 
 
-def test_split_layers_must_be_a_bool():
+def test_segments_of_several_layers_compile_once_and_give_the_whole_graphs_results():
+    model = dream_like(num_layers=5, hidden_size=56, gqa_ratio=7, head_dim=8, seed=3).eval()
+    whole, whole_stats = _decode(model, split=False, steps=6)
+    split, split_stats = _decode(model, split=2, steps=6)
+    segmented = graphs_of(model)[0].report.segmented
+    # the embedding with layer 0's projections, two identical segments of two layers, the last layer with the head
+    assert (segmented.segments, segmented.compiles) == (4, 3)
+    for a, b in zip(whole, split):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    for a, b in zip(whole_stats, split_stats):
+        assert torch.equal(a, b)
+
+
+def test_the_default_segment_spans_layers_per_segment_layers():
+    model = dream_like(num_layers=2 * LAYERS_PER_SEGMENT + 1, hidden_size=56, gqa_ratio=7, head_dim=8, seed=3).eval()
+    _decode(model, split=True, steps=1)
+    segmented = graphs_of(model)[0].report.segmented
+    assert (segmented.segments, segmented.compiles) == (4, 3)
+
+
+@pytest.mark.parametrize("bad", ["yes", 0, -2, 1.5])
+def test_split_layers_must_be_a_bool_or_a_positive_int(bad):
     with pytest.raises(ValueError, match="split_layers"):
-        dyllm_fx.backend(split_layers="yes")
+        dyllm_fx.backend(split_layers=bad)
 
 
 def test_gemma2_soft_capped_alternating_layers_stay_exact_at_tau_one():
@@ -111,7 +133,7 @@ def test_gemma2_soft_capped_alternating_layers_stay_exact_at_tau_one():
 
     torch._dynamo.reset()
     model = gemma2(num_layers=4).eval()
-    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=1.0, dense_steps=1), dynamic=False)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=1.0, dense_steps=1, split_layers=1), dynamic=False)
     run_both(model, compiled, left_to_right(model.config.mask_token_id))
     segmented = graphs_of(model)[0].report.segmented
     assert (segmented.segments, segmented.compiles) == (5, 4)
