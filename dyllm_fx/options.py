@@ -33,7 +33,8 @@ class Options:
     on CPU, False on GPU.
     `packed_weights`: on the compact path, gated linears run `packed_linear` instead of `F.linear`: our C++ GEMM
     on a copy of their weights packed once in column panels (`kernels/packed_linear.py`, `panel_gemm.py`):
-    faster than MKL at every row count on CPU (README), one more copy of those weights in memory, results off
+    faster than MKL at a sparse step's few rows on CPU and as fast at a dense step's (README), one more copy
+    of those weights in memory, results off
     `F.linear`'s by fp32 rounding; None: on below tau = 1.0 (at 1.0 the rewritten model reproduces the original
     bit for bit on CPU).
     `split_layers`: with Inductor, compile the rewritten graph in segments cut at every `split_layers`-th

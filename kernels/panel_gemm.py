@@ -12,9 +12,10 @@ panel's 16 weights at `k` (two AVX2 vectors) times `x[i, k]` broadcast go into 1
 vectors: 12 independent FMA chains, 15 of AVX2's 16 registers). There are no horizontal sums. A panel comes from
 memory once per block of `ROW_BLOCK` rows and from L1/L2 for its other chunks.
 
-At a sparse step's 2-8 rows the time is one read of the weights. At a dense step's hundreds of rows the FMAs
-bound it. On the development machine (2 AVX2 cores) it was faster than oneDNN on oneDNN's own packed weight
-there, so one packed copy serves both steps (README, "Where the time goes").
+At a sparse step's few rows the time is about one read of the weights; at a dense step's hundreds of rows the
+FMAs bound it. On the development machine (2 AVX2 cores, `benchmarks/gemm_floor.py`) it was faster than oneDNN on
+oneDNN's own packed weight at 4-16 rows and as fast as oneDNN and MKL at 256, so one packed copy serves both
+steps (README, "The GEMM on packed panels").
 
 Each output is one sum over `k` in order, in one vector lane, plus the bias. A row's result does not depend on
 the other rows of its call, at any row count (batch invariant). The order is not BLAS's, so results differ from
