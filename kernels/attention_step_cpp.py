@@ -12,8 +12,10 @@ a row `(b, l)` and all its heads, so the saliency test (over all heads) needs no
 
 It takes fp32 CPU operands with a contiguous last axis (`supported`); the mask is made additive fp32.
 A dense step is one call of the CPU flash-attention kernel over every row (`_dense_step`, which also gives the
-lse); operands it does not take run `incremental_attention_step` eagerly. The C++ is built by `cpp_build.py`;
-where it cannot be, `available()` is False and the backend traces the torch forms into the graph instead.
+lse); operands it does not take run `incremental_attention_step` eagerly. The C++ is built by `cpp_build.py`,
+once per head dim (a constant in the source, so the loops over it are unrolled; the backend builds the model's
+head dims with the graph); where it cannot be, `available()` is False and the backend traces the torch forms into
+the graph instead.
 """
 import math
 from typing import Iterable, Optional
