@@ -34,9 +34,8 @@ class Options:
     `packed_weights`: on the compact path, gated linears run `packed_linear` instead of `F.linear`: our C++ GEMM
     on a copy of their weights packed once in column panels (`kernels/packed_linear.py`, `panel_gemm.py`):
     faster than MKL at a sparse step's few rows on CPU and as fast at a dense step's (README), one more copy
-    of those weights in memory, results off
-    `F.linear`'s by fp32 rounding; None: on below tau = 1.0 (at 1.0 the rewritten model reproduces the original
-    bit for bit on CPU).
+    of those weights in memory, results off `F.linear`'s by fp32 rounding; None: on below tau = 1.0 (at 1.0 the
+    rewritten model reproduces the original bit for bit on CPU).
     `split_layers`: with Inductor, compile the rewritten graph in segments cut at every `split_layers`-th
     attention (True: `LAYERS_PER_SEGMENT`), each distinct segment once (`dyllm_fx/lowering.py`: identical
     segments share one compile; README "Compile time"); False compiles it whole. More layers per segment: fewer

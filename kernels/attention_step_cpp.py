@@ -459,7 +459,7 @@ def _kernel(head_dim: int):
                           variant=int(head_dim))
 
 
-def available(head_dims: Iterable[int] = (64,)) -> bool:
+def available(head_dims: Iterable[int]) -> bool:
     """Whether the kernel is built for every head dim of `head_dims` (compiles them at the first call, seconds
     each, then from Inductor's cache)."""
     return all(_kernel(d) is not None for d in head_dims)
@@ -495,8 +495,9 @@ def attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                    query_rows: Tensor, always_rows: Tensor, dense: Tensor, k_prev: Tensor, v_prev: Tensor,
                    ctx_cache: Tensor, lse_cache: Tensor, stats: Tensor, scale: float,
                    tau: float) -> tuple[Tensor, Tensor]:
-    kernel = _kernel(q.shape[3])
-    if kernel is None or not supported(q, k, v, k_prev, v_prev, ctx_cache, lse_cache, stats):
+    # operands it does not take build no kernel for their head dim
+    kernel = _kernel(q.shape[3]) if supported(q, k, v, k_prev, v_prev, ctx_cache, lse_cache, stats) else None
+    if kernel is None:
         return incremental_attention_step(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_prev,
                                           v_prev, ctx_cache, lse_cache, stats, scale, tau)
     B, H, L, D = q.shape

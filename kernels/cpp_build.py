@@ -1,9 +1,10 @@
 """Builds our CPU kernels' C++ (`panel_gemm.py`, `attention_step_cpp.py`) with Inductor's C++ toolchain.
 
 `load(name, argtypes, source, fallback, variant)` compiles `source`, whose `extern "C" void kernel(...)` takes
-`argtypes`, once per process and variant (a kernel built per head dim passes the head dim) (Inductor also caches the library on disk) and returns it as a Python callable: a tensor for
-each pointer type, an int for `int64_t` and `uintptr_t`, a float for `float`. `at::vec::Vectorized` in the source
-picks the machine's vector ISA, and `#pragma omp` runs on Inductor's OpenMP threads.
+`argtypes`, once per process and `variant` (a kernel built per head dim passes the head dim; Inductor also caches
+the library on disk), and returns it as a Python callable: a tensor for each pointer type, an int for `int64_t`
+and `uintptr_t`, a float for `float`. `at::vec::Vectorized` in the source picks the machine's vector ISA, and
+`#pragma omp` runs on Inductor's OpenMP threads.
 Where it cannot be built (no C++ compiler, an Inductor without this API) it warns once, naming `fallback` (what
 callers run instead), and returns None.
 """
