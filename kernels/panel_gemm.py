@@ -10,7 +10,8 @@ read. The bias is padded the same way.
 Kernel: threads take panels. For each panel the rows go in balanced chunks of at most 6. For every `k`, the
 panel's 16 weights at `k` (two AVX2 vectors) times `x[i, k]` broadcast go into 12 accumulators (6 rows x 2
 vectors: 12 independent FMA chains, 15 of AVX2's 16 registers). There are no horizontal sums. A panel comes from
-memory once per block of `ROW_BLOCK` rows and from L1/L2 for its other chunks.
+memory once per block of `ROW_BLOCK` rows (its first chunk prefetches 64 `k` ahead) and from L1/L2 for its other
+chunks, the last of which prefetches the next panel into L2.
 
 At a sparse step's few rows the time is about one read of the weights; at a dense step's hundreds of rows the
 FMAs bound it. On the development machine (2 AVX2 cores, `benchmarks/gemm_floor.py`) it was faster than oneDNN on
@@ -41,6 +42,7 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t PANEL = 16;
 constexpr int NV = PANEL / Vec::size();  // vectors per panel row: 2 with AVX2, 1 with AVX-512
 static_assert(PANEL % Vec::size() == 0, "a panel is whole vectors");
+constexpr int64_t PREFETCH = 64;
 
 // acc[i] += x[i, k] * wk[0:PANEL] for the MB rows of a chunk
 template <int MB>
@@ -53,14 +55,18 @@ static inline void step(Vec (&acc)[MB][NV], const float* x, const float* wk, int
     }
 }
 
-// out[i, 0:cols] = bias + sum_k x[i, k] * panel[k, 0:cols] for MB rows
-template <int MB>
+// out[i, 0:cols] = bias + sum_k x[i, k] * panel[k, 0:cols] for MB rows; for every k, the cache line at pf + k * PANEL
+// is prefetched (HINT)
+template <int MB, int HINT>
 static inline void chunk(const float* x, const float* panel, const float* bias, float* out, int64_t K, int64_t ldx,
-                         int64_t ldo, int64_t cols) {
+                         int64_t ldo, int64_t cols, const float* pf) {
     Vec acc[MB][NV];
     for (int i = 0; i < MB; ++i)
         for (int v = 0; v < NV; ++v) acc[i][v] = Vec(0.f);
-    for (int64_t k = 0; k < K; ++k) step<MB>(acc, x + k, panel + k * PANEL, ldx);
+    for (int64_t k = 0; k < K; ++k) {
+        __builtin_prefetch(pf + k * PANEL, 0, HINT);
+        step<MB>(acc, x + k, panel + k * PANEL, ldx);
+    }
     for (int v = 0; v < NV; ++v) {
         const int64_t left = cols - v * Vec::size();
         if (left <= 0) break;
@@ -73,22 +79,35 @@ static inline void chunk(const float* x, const float* panel, const float* bias, 
     }
 }
 
+template <int HINT>
+static inline void chunk_of(int64_t mb, const float* x, const float* panel, const float* bias, float* out, int64_t K,
+                            int64_t ldx, int64_t ldo, int64_t cols, const float* pf) {
+    switch (mb) {
+        case 1: chunk<1, HINT>(x, panel, bias, out, K, ldx, ldo, cols, pf); break;
+        case 2: chunk<2, HINT>(x, panel, bias, out, K, ldx, ldo, cols, pf); break;
+        case 3: chunk<3, HINT>(x, panel, bias, out, K, ldx, ldo, cols, pf); break;
+        case 4: chunk<4, HINT>(x, panel, bias, out, K, ldx, ldo, cols, pf); break;
+        case 5: chunk<5, HINT>(x, panel, bias, out, K, ldx, ldo, cols, pf); break;
+        default: chunk<6, HINT>(x, panel, bias, out, K, ldx, ldo, cols, pf); break;
+    }
+}
+
+// M rows of one panel in balanced chunks of at most 6 (7 rows are 4 + 3, not 6 + 1). The first chunk streams the
+// panel from memory, prefetching PREFETCH k ahead into L1; the others read it from L1/L2, and the last of them
+// prefetches the next panel into L2, so that memory keeps streaming while they compute.
 static inline void rows(const float* x, const float* panel, const float* bias, float* out, int64_t M, int64_t K,
                         int64_t ldx, int64_t ldo, int64_t cols) {
     const int64_t chunks = (M + 5) / 6;
     int64_t i = 0;
     for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t mb = (M - i) / (chunks - c);  // balanced: 7 rows are 4 + 3, not 6 + 1
-        const float* xc = x + i * ldx;
-        float* oc = out + i * ldo;
-        switch (mb) {
-            case 1: chunk<1>(xc, panel, bias, oc, K, ldx, ldo, cols); break;
-            case 2: chunk<2>(xc, panel, bias, oc, K, ldx, ldo, cols); break;
-            case 3: chunk<3>(xc, panel, bias, oc, K, ldx, ldo, cols); break;
-            case 4: chunk<4>(xc, panel, bias, oc, K, ldx, ldo, cols); break;
-            case 5: chunk<5>(xc, panel, bias, oc, K, ldx, ldo, cols); break;
-            default: chunk<6>(xc, panel, bias, oc, K, ldx, ldo, cols); break;
-        }
+        const int64_t mb = (M - i) / (chunks - c);
+        if (c == 0)
+            chunk_of<3>(mb, x + i * ldx, panel, bias, out + i * ldo, K, ldx, ldo, cols,
+                                  panel + PREFETCH * PANEL);
+        else if (c == chunks - 1)
+            chunk_of<2>(mb, x + i * ldx, panel, bias, out + i * ldo, K, ldx, ldo, cols, panel + K * PANEL);
+        else
+            chunk_of<3>(mb, x + i * ldx, panel, bias, out + i * ldo, K, ldx, ldo, cols, panel);
         i += mb;
     }
 }
