@@ -4,6 +4,7 @@ if __name__ == "dyllm_fx.kernels":
     from .compact_rows import select_rows
     from .delta_attention import delta_attention
     from . import packed_linear  # noqa: F401  (registers torch.ops.dyllm.packed_linear)
+    from . import direct_calls  # noqa: F401  (Inductor's wrapper calls the three above without the dispatcher)
     from .row_update import row_update_
     from .sparse_rows_linear import sparse_rows_linear
 

@@ -32,9 +32,12 @@ from .sparse_rows_linear import MIN_ROWS
 torch.library.define("dyllm::select_rows", "(Tensor rows) -> Tensor")
 
 
-@torch.library.impl("dyllm::select_rows", "CompositeExplicitAutograd")
-def _select_rows(rows: Tensor) -> Tensor:
+def select_rows_impl(rows: Tensor) -> Tensor:
+    """The op's implementation (also called directly by Inductor's wrapper, `direct_calls.py`)."""
     return flat_index(rows)
+
+
+torch.library.impl("dyllm::select_rows", "CompositeExplicitAutograd")(select_rows_impl)
 
 
 @torch.library.register_fake("dyllm::select_rows")

@@ -79,8 +79,8 @@ def _plain(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tenso
 torch.library.define("dyllm::packed_linear", "(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor")
 
 
-@torch.library.impl("dyllm::packed_linear", "CPU")
-def _packed_linear_cpu(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]]) -> Tensor:
+def packed_linear_cpu(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]]) -> Tensor:
+    """The op on CPU (also called directly by Inductor's wrapper, `direct_calls.py`)."""
     n = sum(w.shape[0] for w in weights)
     kernel = panel_gemm.available()
     if x.dtype != torch.float32 or any(w.dtype != torch.float32 for w in weights) or not (kernel or _ONEDNN):
@@ -96,9 +96,17 @@ def _packed_linear_cpu(x: Tensor, weights: list[Tensor], biases: list[Optional[T
     return y.view(*x.shape[:-1], n)
 
 
+torch.library.impl("dyllm::packed_linear", "CPU")(packed_linear_cpu)
+
+
 @torch.library.impl("dyllm::packed_linear", "CompositeExplicitAutograd")
 def _packed_linear_other(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]]) -> Tensor:
     return _plain(x, weights, biases)  # no packed GEMM off CPU
+
+
+def packed_linear_any(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]]) -> Tensor:
+    """The op's implementation for `x`'s device, without the dispatcher (`direct_calls.py`)."""
+    return packed_linear_cpu(x, weights, biases) if x.is_cpu else _plain(x, weights, biases)
 
 
 @torch.library.register_fake("dyllm::packed_linear")

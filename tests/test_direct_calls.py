@@ -1,0 +1,50 @@
+"""`kernels/direct_calls.py`: Inductor's Python wrapper calls our CPU ops' implementations, not the dispatcher."""
+from unittest import mock
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import dyllm_fx
+from dyllm_fx.kernels import direct_calls
+from dyllm_fx.models import llada_like
+
+needs_registry = pytest.mark.skipif(not direct_calls.REGISTERED, reason="this Inductor has no custom wrapper codegen")
+
+
+def _two_steps(direct: bool) -> tuple[str, list[torch.Tensor]]:
+    """The compiled wrapper's source and the logits of a dense and a sparse step of a small model at tau=0.99."""
+    from torch._inductor.codegen.custom_extern_kernel_codegen import CUSTOM_EXTERN_KERNEL_CODEGEN as registry
+
+    torch._dynamo.reset()
+    model = llada_like(hidden_size=16, num_layers=2, num_heads=2, head_dim=8, vocab_size=53, seed=0)
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, policy="full", dense_steps=1), dynamic=False)
+    kept = registry if direct else {k: v for k, v in registry.items() if k not in direct_calls.DIRECT}
+    with torch.no_grad(), mock.patch.dict(registry, kept, clear=True), \
+            torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        first, codes = run_and_get_code(compiled, ids)
+        ids[:, 5] = 7
+        second = compiled(ids)  # a sparse step: every op of the rewritten graph runs
+    return "\n".join(codes), [out.logits.clone() for out in (first, second)]
+
+
+@needs_registry
+def test_the_compiled_wrapper_calls_the_ops_directly_with_the_dispatchers_results():
+    source, direct = _two_steps(direct=True)
+    for name, _, _ in direct_calls.DIRECT.values():
+        assert f"extern_kernels.{name}(" in source
+    assert not any(f"{op}(" in source for op in direct_calls.DIRECT)  # comments still name the ops
+    source, dispatched = _two_steps(direct=False)
+    assert "torch.ops.dyllm.packed_linear.default(" in source and "extern_kernels.dyllm_" not in source
+    for a, b in zip(direct, dispatched):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_registry
+def test_a_direct_call_is_a_named_event_under_the_profiler():
+    call = getattr(torch._inductor.select_algorithm.extern_kernels, "dyllm_select_rows")
+    with torch.profiler.profile() as prof:
+        call(torch.tensor([[True, False, True]]))
+    assert "dyllm::select_rows" in [e.key for e in prof.key_averages()]
