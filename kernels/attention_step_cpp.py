@@ -479,6 +479,24 @@ def supported(q: Tensor, k: Tensor, v: Tensor, k_prev: Tensor, v_prev: Tensor, c
             and stats.dtype == torch.int64 and stats.is_contiguous())
 
 
+def _bias(mask: Tensor, B: int, L: int) -> Tensor:
+    """The mask as an additive fp32 `[B, 1 or H, L, L]` with a contiguous last axis, made once per mask tensor and
+    version (every layer of a step passes the same mask; a bool one costs tens of us to convert), kept on the mask."""
+    try:
+        key = (mask._version, B, L)
+    except RuntimeError:  # an inference tensor keeps no version: made every time
+        bias = _additive(mask, B, L, L)
+        return bias if bias.stride(3) == 1 else bias.contiguous()
+    kept = getattr(mask, "_dyllm_additive", None)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    bias = _additive(mask, B, L, L)
+    if bias.stride(3) != 1:
+        bias = bias.contiguous()
+    mask._dyllm_additive = (key, bias)
+    return bias
+
+
 def _strided(t: Tensor) -> tuple:
     s = t.stride()
     return t, s[0], s[1], s[2]
@@ -501,12 +519,10 @@ def attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
         return incremental_attention_step(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_prev,
                                           v_prev, ctx_cache, lse_cache, stats, scale, tau)
     B, H, L, D = q.shape
-    bias = None if attn_mask is None else _additive(attn_mask, B, L, L)
+    bias = None if attn_mask is None else _bias(attn_mask, B, L)
     if bool(dense):
         return _dense_step(q, k, v, bias, query_rows, always_rows, k_prev, v_prev, ctx_cache, lse_cache, stats,
                            scale, tau)
-    if bias is not None and bias.stride(3) != 1:
-        bias = bias.contiguous()
     bias_args = (0, 0, 0, 0) if bias is None else (
         bias.data_ptr(), bias.stride(0), bias.stride(1) if bias.shape[1] > 1 else 0, bias.stride(2))
     out = q.new_empty(B, L, H, D).transpose(1, 2)  # SDPA's output layout

@@ -96,3 +96,18 @@ def test_the_backend_uses_it_below_tau_one_and_traces_torch_ops_without_it(monke
         assert set(default.attention.values()) == {EVERY_ROW_EXACT}
     finally:
         cpp_build.forget("attention_step")
+
+
+def test_the_additive_mask_is_made_once_per_mask_and_version():
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    mask[0, :, :, :2] = False
+    first = attention_step_cpp._bias(mask, 2, 5)
+    assert attention_step_cpp._bias(mask, 2, 5) is first  # the same mask again: no new tensor
+    assert first.dtype == torch.float32 and first.stride(3) == 1
+    assert torch.equal(first.isinf(), ~mask.expand(2, 1, 5, 5))
+    mask[1, :, :, 4] = False  # an in-place change: made again from the new values
+    again = attention_step_cpp._bias(mask, 2, 5)
+    assert again is not first and bool(again[1, 0, 0, 4].isinf()) and not bool(first[1, 0, 0, 4].isinf())
+    with torch.inference_mode():  # an inference tensor has no version to key on: made every time, still right
+        frozen = torch.ones(1, 1, 3, 3, dtype=torch.bool).tril()
+        assert torch.equal(attention_step_cpp._bias(frozen, 1, 3).isinf(), ~frozen)
