@@ -7,7 +7,11 @@ Here two dyllm-compiled copies of the model (A: `--a` options, B: `--b` options;
 default policy) decode the benchmark's default batch left to right, one token per sequence per step, and their
 sparse steps alternate (A then B, then B then A, ...), so both see the same load. Prints the median and mean ms per
 sparse step of each and B / A. A first call and `--warmup` steps per copy (dense steps and compiles) are not timed.
+
+`--dispatched a` (or `b`) compiles that copy with our ops called through the dispatcher, as without
+`kernels/direct_calls.py` (Inductor's compile caches are then off, so that the copies do not share compiled code).
 """
+import contextlib
 import argparse
 import statistics
 import time
@@ -30,15 +34,22 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=12, help="untimed steps per copy (dense warm-up, compile)")
     p.add_argument("--pairs", type=int, default=40, help="timed sparse steps per copy")
+    p.add_argument("--dispatched", choices=["a", "b"], default=None,
+                   help="compile this copy with our ops called through the dispatcher (no direct calls)")
     args = p.parse_args(argv)
     try:
         options = {name: {"tau": 0.99, **parse_options(items)} for name, items in (("A", args.a), ("B", args.b))}
     except ValueError as bad:
         p.error(str(bad))
     steps = {name: left_to_right_steps(args, dyllm_fx.backend(**opts))[1] for name, opts in options.items()}
-    for _ in range(args.warmup):
-        for step in steps.values():
-            step()
+    with contextlib.ExitStack() as compiling:
+        if args.dispatched:  # the copies must not share compiled code through the caches
+            compiling.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+            compiling.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+        for _ in range(args.warmup):
+            for name, step in steps.items():
+                with _dispatched() if args.dispatched == name.lower() else contextlib.nullcontext():
+                    step()
     times = {"A": [], "B": []}
     for i in range(args.pairs):
         for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
@@ -55,6 +66,23 @@ def main(argv=None) -> dict:
         print(f"{name} {r['options']}: median {r['median_ms']:.1f} ms, mean {r['mean_ms']:.1f} ms per step")
     print(f"B / A (medians): {result['b_over_a']:.3f}")
     return result
+
+
+@contextlib.contextmanager
+def _dispatched():
+    """Compiles in it call our ops through the dispatcher (`kernels/direct_calls.py`'s wrapper code removed)."""
+    from unittest import mock
+
+    from dyllm_fx.kernels import direct_calls
+
+    if not direct_calls.REGISTERED:
+        yield
+        return
+    from torch._inductor.codegen.custom_extern_kernel_codegen import CUSTOM_EXTERN_KERNEL_CODEGEN as registry
+
+    kept = {k: v for k, v in registry.items() if k not in direct_calls.DIRECT}
+    with mock.patch.dict(registry, kept, clear=True):
+        yield
 
 
 if __name__ == "__main__":
