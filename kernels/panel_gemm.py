@@ -94,7 +94,8 @@ static inline void chunk_of(int64_t mb, const float* x, const float* panel, cons
 
 // M rows of one panel in balanced chunks of at most 6 (7 rows are 4 + 3, not 6 + 1). The first chunk streams the
 // panel from memory, prefetching PREFETCH k ahead into L1; the others read it from L1/L2, and the last of them
-// prefetches the next panel into L2, so that memory keeps streaming while they compute.
+// prefetches the next panel into L2, so that memory keeps streaming while they compute. A prefetch past the packed
+// weight's end is harmless: prefetches never fault.
 static inline void rows(const float* x, const float* panel, const float* bias, float* out, int64_t M, int64_t K,
                         int64_t ldx, int64_t ldo, int64_t cols) {
     const int64_t chunks = (M + 5) / 6;

@@ -11,27 +11,31 @@ from trajectories import left_to_right, run_both
 
 
 def _decode(model, split, steps: int = 8):
-    """Logits and stats rows of `steps` calls, one token changed per call, under a dyllm compile."""
+    """Logits and stats rows of `steps` calls, one token changed per call, under a dyllm compile, and its compiled
+    graph (the one this compile made: an earlier compile's graph may not be collected yet)."""
     torch._dynamo.reset()
+    before = set(map(id, graphs_of(model)))
     compiled = torch.compile(model, backend="dyllm", options={"tau": 0.95, "split_layers": split}, dynamic=False)
     x = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(0))
-    logits, stats = [], []
+    logits, stats, graph = [], [], None
     with torch.no_grad():
         for s in range(steps):
             logits.append(compiled(x).logits.clone())
-            stats.append(graphs_of(model)[0].state.by_role["stats"][0].clone())
+            if graph is None:
+                (graph,) = [g for g in graphs_of(model) if id(g) not in before]
+            stats.append(graph.state.by_role["stats"][0].clone())
             x[:, 10 + s] = (x[:, 10 + s] + 1) % 500
-    return logits, stats
+    return logits, stats, graph
 
 
 def test_identical_layers_compile_once_and_give_the_whole_graphs_results():
     model = dream_like(num_layers=4, hidden_size=56, gqa_ratio=7, head_dim=8, seed=3).eval()
-    whole, whole_stats = _decode(model, split=False)
-    split, split_stats = _decode(model, split=1)
-    segmented = graphs_of(model)[0].report.segmented
+    whole, whole_stats, _ = _decode(model, split=False)
+    split, split_stats, graph = _decode(model, split=1)
+    segmented = graph.report.segmented
     # embedding + layer 0's projections, 3 identical middle segments, the last layer with the head
     assert (segmented.segments, segmented.compiles) == (5, 3)
-    assert "5 segments" in str(graphs_of(model)[0].report)
+    assert "5 segments" in str(graph.report)
     for a, b in zip(whole, split):
         assert torch.allclose(a, b, atol=1e-5, rtol=0)
     for a, b in zip(whole_stats, split_stats):  # each attention wrote its own row: same salient rows per layer
@@ -102,9 +106,9 @@ def test_signature_ignores_names_and_sees_constants():
 
 def test_segments_of_several_layers_compile_once_and_give_the_whole_graphs_results():
     model = dream_like(num_layers=5, hidden_size=56, gqa_ratio=7, head_dim=8, seed=3).eval()
-    whole, whole_stats = _decode(model, split=False, steps=6)
-    split, split_stats = _decode(model, split=2, steps=6)
-    segmented = graphs_of(model)[0].report.segmented
+    whole, whole_stats, _ = _decode(model, split=False, steps=6)
+    split, split_stats, graph = _decode(model, split=2, steps=6)
+    segmented = graph.report.segmented
     # the embedding with layer 0's projections, two identical segments of two layers, the last layer with the head
     assert (segmented.segments, segmented.compiles) == (4, 3)
     for a, b in zip(whole, split):
@@ -115,8 +119,7 @@ def test_segments_of_several_layers_compile_once_and_give_the_whole_graphs_resul
 
 def test_the_default_segment_spans_layers_per_segment_layers():
     model = dream_like(num_layers=2 * LAYERS_PER_SEGMENT + 1, hidden_size=56, gqa_ratio=7, head_dim=8, seed=3).eval()
-    _decode(model, split=True, steps=1)
-    segmented = graphs_of(model)[0].report.segmented
+    segmented = _decode(model, split=True, steps=1)[2].report.segmented
     assert (segmented.segments, segmented.compiles) == (4, 3)
 
 
