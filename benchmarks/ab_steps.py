@@ -11,8 +11,8 @@ sparse step of each and B / A. A first call and `--warmup` steps per copy (dense
 `--dispatched a` (or `b`) compiles that copy with our ops called through the dispatcher, as without
 `kernels/direct_calls.py` (Inductor's compile caches are then off, so that the copies do not share compiled code).
 """
-import contextlib
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -20,6 +20,7 @@ import torch
 
 import dyllm_fx
 from dyllm_fx.bench import left_to_right_steps, parse_options
+from dyllm_fx.kernels.direct_calls import dispatched
 
 
 def main(argv=None) -> dict:
@@ -48,7 +49,7 @@ def main(argv=None) -> dict:
             compiling.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
         for _ in range(args.warmup):
             for name, step in steps.items():
-                with _dispatched() if args.dispatched == name.lower() else contextlib.nullcontext():
+                with dispatched() if args.dispatched == name.lower() else contextlib.nullcontext():
                     step()
     times = {"A": [], "B": []}
     for i in range(args.pairs):
@@ -66,23 +67,6 @@ def main(argv=None) -> dict:
         print(f"{name} {r['options']}: median {r['median_ms']:.1f} ms, mean {r['mean_ms']:.1f} ms per step")
     print(f"B / A (medians): {result['b_over_a']:.3f}")
     return result
-
-
-@contextlib.contextmanager
-def _dispatched():
-    """Compiles in it call our ops through the dispatcher (`kernels/direct_calls.py`'s wrapper code removed)."""
-    from unittest import mock
-
-    from dyllm_fx.kernels import direct_calls
-
-    if not direct_calls.REGISTERED:
-        yield
-        return
-    from torch._inductor.codegen.custom_extern_kernel_codegen import CUSTOM_EXTERN_KERNEL_CODEGEN as registry
-
-    kept = {k: v for k, v in registry.items() if k not in direct_calls.DIRECT}
-    with mock.patch.dict(registry, kept, clear=True):
-        yield
 
 
 if __name__ == "__main__":

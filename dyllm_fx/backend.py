@@ -180,8 +180,9 @@ class CompiledGraph:
             # ~1100 size asserts per sparse step in Inductor's Python wrapper, on the few rows: a serial cost the
             # worker threads wait on (our ops' fake impls give the sizes; tests check them eagerly)
             patches["size_asserts"] = False
-        if steps and self.options.layers_per_segment():
-            cuts = list(steps)[::self.options.layers_per_segment()]  # a cut before every k-th attention step
+        per_segment = self.options.layers_per_segment()
+        if steps and per_segment:
+            cuts = list(steps)[::per_segment]  # a cut before every k-th attention step
             self.report.segmented = SegmentedGraph(gm, cuts, patches, example_inputs)
             return self.report.segmented
         if self.compact:

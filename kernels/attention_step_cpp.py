@@ -484,16 +484,16 @@ def _bias(mask: Tensor, B: int, L: int) -> Tensor:
     version (every layer of a step passes the same mask; a bool one costs tens of us to convert), kept on the mask."""
     try:
         key = (mask._version, B, L)
-    except RuntimeError:  # an inference tensor keeps no version: made every time
-        bias = _additive(mask, B, L, L)
-        return bias if bias.stride(3) == 1 else bias.contiguous()
+    except RuntimeError:  # an inference tensor keeps no version: made every time, not kept
+        key = None
     kept = getattr(mask, "_dyllm_additive", None)
-    if kept is not None and kept[0] == key:
+    if key is not None and kept is not None and kept[0] == key:
         return kept[1]
     bias = _additive(mask, B, L, L)
     if bias.stride(3) != 1:
         bias = bias.contiguous()
-    mask._dyllm_additive = (key, bias)
+    if key is not None:
+        mask._dyllm_additive = (key, bias)
     return bias
 
 

@@ -10,7 +10,9 @@ has none, nothing changes. The compiled graph is an inference graph, already fun
 no autograd or functionalization to run there. Under the profiler each call records the op's name, as the
 dispatcher would.
 """
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
+from unittest import mock
 
 import torch
 
@@ -59,3 +61,15 @@ def register() -> bool:
 
 
 REGISTERED = register()
+
+
+@contextlib.contextmanager
+def dispatched() -> Iterator[None]:
+    """Inside it, Inductor compiles call our ops through the dispatcher again (benchmarks' A/B, tests)."""
+    if not REGISTERED:
+        yield
+        return
+    from torch._inductor.codegen.custom_extern_kernel_codegen import CUSTOM_EXTERN_KERNEL_CODEGEN as registry
+
+    with mock.patch.dict(registry, {k: v for k, v in registry.items() if k not in DIRECT}, clear=True):
+        yield

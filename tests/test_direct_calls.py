@@ -1,5 +1,5 @@
 """`kernels/direct_calls.py`: Inductor's Python wrapper calls our CPU ops' implementations, not the dispatcher."""
-from unittest import mock
+import contextlib
 
 import pytest
 import torch
@@ -14,14 +14,11 @@ needs_registry = pytest.mark.skipif(not direct_calls.REGISTERED, reason="this In
 
 def _two_steps(direct: bool) -> tuple[str, list[torch.Tensor]]:
     """The compiled wrapper's source and the logits of a dense and a sparse step of a small model at tau=0.99."""
-    from torch._inductor.codegen.custom_extern_kernel_codegen import CUSTOM_EXTERN_KERNEL_CODEGEN as registry
-
     torch._dynamo.reset()
     model = llada_like(hidden_size=16, num_layers=2, num_heads=2, head_dim=8, vocab_size=53, seed=0)
     ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
     compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, policy="full", dense_steps=1), dynamic=False)
-    kept = registry if direct else {k: v for k, v in registry.items() if k not in direct_calls.DIRECT}
-    with torch.no_grad(), mock.patch.dict(registry, kept, clear=True), \
+    with torch.no_grad(), contextlib.nullcontext() if direct else direct_calls.dispatched(), \
             torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
         first, codes = run_and_get_code(compiled, ids)
@@ -48,3 +45,12 @@ def test_a_direct_call_is_a_named_event_under_the_profiler():
     with torch.profiler.profile() as prof:
         call(torch.tensor([[True, False, True]]))
     assert "dyllm::select_rows" in [e.key for e in prof.key_averages()]
+
+
+@needs_registry
+def test_dispatched_turns_the_direct_calls_off_and_back_on():
+    from torch._inductor.codegen.custom_extern_kernel_codegen import CUSTOM_EXTERN_KERNEL_CODEGEN as registry
+
+    with direct_calls.dispatched():
+        assert not set(direct_calls.DIRECT) & set(registry)
+    assert set(direct_calls.DIRECT) <= set(registry)
