@@ -17,6 +17,7 @@ once per head dim (a constant in the source, so the loops over it are unrolled; 
 head dims with the graph); where it cannot be, `available()` is False and the backend traces the torch forms into
 the graph instead.
 """
+import functools
 import math
 from typing import Iterable, Optional
 
@@ -453,10 +454,14 @@ _ARGTYPES = (["float*"] + ["int64_t"] * 3) * 8 + ["uintptr_t"] + ["int64_t"] * 3
 FALLBACK = "attention on sparse steps runs as torch ops"
 
 
+@functools.lru_cache(maxsize=None)
+def _source(head_dim: int) -> str:
+    return _SOURCE.replace("HEAD_DIM;", f"{head_dim};")
+
+
 def _kernel(head_dim: int):
     """The kernel built for `head_dim` (a constant in its C++), or None where it cannot be built."""
-    return cpp_build.load("attention_step", _ARGTYPES, _SOURCE.replace("HEAD_DIM;", f"{int(head_dim)};"), FALLBACK,
-                          variant=int(head_dim))
+    return cpp_build.load("attention_step", _ARGTYPES, _source(int(head_dim)), FALLBACK, variant=int(head_dim))
 
 
 def available(head_dims: Iterable[int]) -> bool:

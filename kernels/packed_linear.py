@@ -52,10 +52,9 @@ def _pack(w: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
     return torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT), bias
 
 
-def packed_weights(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> tuple[Tensor, Optional[Tensor]]:
-    """The packed copy of the concatenated `weights` and the concatenated `biases` (panel layout where
-    `panel_gemm` is built, else oneDNN's), made on first use and again after any of them is replaced or updated
-    in place."""
+def _entry(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> tuple:
+    """The group's `_PACKED` entry, made on first use and again after any weight or bias is replaced or updated in
+    place: (refs, versions, packed weight, packed bias, output features)."""
     parts = (*weights, *(b for b in biases if b is not None))
     key = id(weights[0])
     entry = _PACKED.get(key)
@@ -64,8 +63,16 @@ def packed_weights(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]
         w = weights[0].detach() if len(weights) == 1 else torch.cat([w.detach() for w in weights])
         refs = (weakref.ref(weights[0], lambda _, key=key: _PACKED.pop(key, None)),
                 *(weakref.ref(t) for t in parts[1:]))
-        entry = (refs, tuple(t._version for t in parts), *_pack(w, _concatenated_bias(weights, biases)))
+        entry = (refs, tuple(t._version for t in parts), *_pack(w, _concatenated_bias(weights, biases)), w.shape[0])
         _PACKED[key] = entry
+    return entry
+
+
+def packed_weights(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> tuple[Tensor, Optional[Tensor]]:
+    """The packed copy of the concatenated `weights` and the concatenated `biases` (panel layout where
+    `panel_gemm` is built, else oneDNN's), made on first use and again after any of them is replaced or updated
+    in place."""
+    entry = _entry(weights, biases)
     return entry[2], entry[3]
 
 
@@ -81,19 +88,18 @@ torch.library.define("dyllm::packed_linear", "(Tensor x, Tensor[] weights, Tenso
 
 def packed_linear_cpu(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]]) -> Tensor:
     """The op on CPU (also called directly by Inductor's wrapper, `direct_calls.py`)."""
-    n = sum(w.shape[0] for w in weights)
     kernel = panel_gemm.available()
     if x.dtype != torch.float32 or any(w.dtype != torch.float32 for w in weights) or not (kernel or _ONEDNN):
         return _plain(x, weights, biases)
-    flat = x.reshape(-1, x.shape[-1])
+    flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    _, _, packed, bias, n = _entry(weights, biases)
     if flat.shape[0] == 0:
-        return x.new_empty(*x.shape[:-1], n)
-    packed, bias = packed_weights(weights, biases)
-    if kernel:
+        y = flat.new_empty(0, n)
+    elif kernel:
         y = panel_gemm.run(flat if flat.stride(1) == 1 else flat.contiguous(), packed, bias, n)
     else:
         y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), packed, bias, "none", [], "")
-    return y.view(*x.shape[:-1], n)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
 
 
 torch.library.impl("dyllm::packed_linear", "CPU")(packed_linear_cpu)

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import profiler as _profiler
 
 from . import cpp_build
 
@@ -185,7 +186,7 @@ def run(x: Tensor, packed: Tensor, bias: Optional[Tensor], n: int, row_block: in
     if m and n:
         args = (x, packed, 0 if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, x.stride(0), n, row_block)
         # a named event for benchmarks/profile_step.py, only while profiling (record_function is an op call itself)
-        if torch.autograd.profiler._is_profiler_enabled:
+        if _profiler._is_profiler_enabled:
             with torch.profiler.record_function("dyllm::panel_gemm"):
                 _kernel()(*args)
         else:
