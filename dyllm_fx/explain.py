@@ -34,14 +34,35 @@ class _Recorder(Backend):
         return graph
 
 
+# Dynamo keeps at most `recompile_limit` compiled versions of a function (8); past that it runs the function
+# uncompiled from then on, with no error. So explain compiles `_call`, which calls the model (Dynamo traces the
+# model's forward inside it, whatever Dynamo decided for the forward as a function of its own), with the limits
+# lifted for that compile.
+_EXPLAIN_LIMITS = {name: 1 << 20 for name in ("recompile_limit", "accumulated_recompile_limit")
+                   if hasattr(torch._dynamo.config, name)}
+
+
+def _call(*args):
+    """args: (module, its positional arguments, its keyword arguments); Dynamo names the module `L['args'][0]`, a
+    root `report.where` strips."""
+    module, positional, keywords = args
+    return module(*positional, **keywords)
+
+
 def explain(model: nn.Module, *args, **kwargs) -> Explanation:
     """Traces `model` (or the module a `torch.compile` wraps) on example inputs with the dyllm backend (eager
     lowering, nothing cached for the model) and returns one report per graph. Backend options may be passed as
-    `options={...}`. Other compiled versions of the model are left as they are."""
+    `options={...}`. Other compiled versions of the model are left as they are. Raises RuntimeError where Dynamo
+    compiled nothing (the model's forward is skipped or disabled for Dynamo)."""
     options = dict(kwargs.pop("options", None) or {})
     options["lowering"] = "eager"
     module = getattr(model, "_orig_mod", model)
     recorder = _Recorder(**options)
-    with torch.no_grad():
-        torch.compile(module, backend=recorder, dynamic=False)(*args, **kwargs)
+    with torch.no_grad(), torch._dynamo.config.patch(**_EXPLAIN_LIMITS):
+        torch.compile(_call, backend=recorder, dynamic=False)(module, args, kwargs)
+    if not recorder.graphs:
+        raise RuntimeError(f"dyllm_fx.explain: Dynamo compiled no graph of {type(module).__name__} on these inputs, "
+                           "so there is nothing to explain. Its forward may be excluded from Dynamo "
+                           "(torch.compiler.disable, a skipped file); TORCH_LOGS=dynamo says why, and "
+                           "torch._dynamo.reset() clears what Dynamo kept from earlier compiles.")
     return Explanation(g.report for g in recorder.graphs)

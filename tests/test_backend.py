@@ -418,6 +418,25 @@ def test_explain_reports_rewrite_and_fallback_and_leaves_compiled_models_alone()
     assert "no attention" in dense.fallback and "runs unchanged" in str(dense)
 
 
+def test_explain_reports_after_dynamo_reached_its_recompile_limit_and_says_when_nothing_was_compiled():
+    torch._dynamo.reset()
+    model = llada_like(num_layers=1, hidden_size=16, num_heads=2, vocab_size=37)
+    ids = torch.randint(0, 30, (1, 5))
+    with torch._dynamo.config.patch(recompile_limit=2), torch.no_grad():
+        for _ in range(3):  # another backend each time: the third compile is past the limit, it runs uncompiled
+            torch.compile(model, backend=lambda gm, _: gm.forward, dynamic=False)(ids)
+        (report,) = dyllm_fx.explain(model, ids)
+    assert report.fallback is None and report.sites
+    with pytest.raises(RuntimeError, match="compiled no graph"):
+        dyllm_fx.explain(NotForDynamo(), ids)
+
+
+class NotForDynamo(torch.nn.Module):
+    @torch.compiler.disable
+    def forward(self, ids):
+        return ids.float()
+
+
 def test_explain_names_a_graph_break():
     torch._dynamo.reset()
     with warnings.catch_warnings():
