@@ -54,13 +54,14 @@ struct Rows {  // a [B, H, L, D] tensor with a contiguous last axis
     float* at(int64_t b, int64_t h, int64_t l) const { return p + b * sb + h * sh + l * sl; }
 };
 
-// The keys of one (sequence, KV head), transposed: kt[d * W + j] = key j's d-th element, W a multiple of V, zero
-// past the keys; with the values' row pointers. Scores are then vector FMAs along j, with no horizontal sums.
+// The keys of one (sequence, KV head) with the values' row pointers; the changed keys, where more than FEW_KEYS, also
+// transposed: kt[d * W + j] = key j's d-th element, W a multiple of V, zero past the keys. Scores are then vector
+// FMAs along j, with no horizontal sums.
 struct Keys {
-    std::vector<float> kt;  // empty for FEW_KEYS keys or fewer: scores are then dot products over the key rows
+    std::vector<float> kt;  // empty where not transposed: scores are then dot products over the key rows
     std::vector<const float*> keys, values;
     int64_t W = 0;
-    template <class Key, class Value> void fill(int64_t n, Key key, Value value) {
+    template <class Key, class Value> void fill(int64_t n, Key key, Value value, bool transpose = true) {
         W = padded(std::max<int64_t>(n, 1));
         keys.resize(n);
         values.resize(n);
@@ -69,7 +70,7 @@ struct Keys {
             values[j] = value(j);
         }
         kt.clear();
-        if (n <= FEW_KEYS) return;
+        if (n <= FEW_KEYS || !transpose) return;
         kt.assign(D * W, 0.f);
         for (int64_t j = 0; j < n; ++j)
             for (int64_t d = 0; d < D; ++d) kt[d * W + j] = keys[j][d];
@@ -94,7 +95,7 @@ static inline float dot(const float* a, const float* b) {
 static inline void scores(const float* q, const Keys& a, float* s, const Keys* b = nullptr,
                           float* t = nullptr) {
     const int64_t W = a.W;
-    if (a.kt.empty()) {  // few keys (`exact` at a length of at most FEW_KEYS; `incremental_few` calls `dot` itself)
+    if (a.kt.empty()) {  // keys not transposed (`exact`; `incremental_few` calls `dot` itself)
         for (int64_t j = 0; j < (int64_t)a.keys.size(); ++j) s[j] = dot(q, a.keys[j]);
         return;
     }
@@ -421,9 +422,11 @@ extern "C" void kernel(
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * Hk; ++i) {
             const int64_t b = i / Hk, h = i % Hk;
+            // not transposed: the exact rows' scores are dot products over the key rows (transposing every key cost
+            // more than it saved, up to 64 exact rows of 640 in `benchmarks/attention_step.py`'s shapes)
             if (exact_in[b])
                 all_keys[i].fill(L, [&](int64_t j) { return st.k.at(b, h, j); },
-                                 [&](int64_t j) { return st.v.at(b, h, j); });
+                                 [&](int64_t j) { return st.v.at(b, h, j); }, false);
         }
         #pragma omp for schedule(dynamic, 1)
         for (size_t i = 0; i < exact_rows.size(); ++i) {
