@@ -378,8 +378,7 @@ extern "C" void kernel(
         for (int64_t j = 0; j < L; ++j)
             if (kv_rows[b * L + j]) cols[b].push_back(j);
     std::vector<Keys> old_keys(B * Hk), new_keys(B * Hk), all_keys(B * Hk);
-    std::vector<uint8_t> how(B * L, KEPT), exact_in(B, 0);
-    std::vector<int64_t> exact_rows;  // the rows of the second pass
+    std::vector<uint8_t> how(B * L, KEPT);
     #pragma omp parallel
     {
         #pragma omp for schedule(static)
@@ -390,10 +389,15 @@ extern "C" void kernel(
                              [&](int64_t j) { return st.vp.at(b, h, c[j]); });
             new_keys[i].fill(c.size(), [&](int64_t j) { return st.k.at(b, h, c[j]); },
                              [&](int64_t j) { return st.v.at(b, h, c[j]); });
+            // not transposed: the exact rows' scores are dot products over the key rows (transposing every key cost
+            // more than it saved, up to 64 exact rows of 640 in `benchmarks/attention_step.py`'s shapes)
+            all_keys[i].fill(L, [&](int64_t j) { return st.k.at(b, h, j); },
+                             [&](int64_t j) { return st.v.at(b, h, j); }, false);
         }
-        // every row: kept, updated incrementally, or marked exact for the second pass
+        // every row: kept, updated incrementally, or exact (an exact row costs as much as many updated ones:
+        // dynamic chunks balance them)
         Scratch scratch(L, H);
-        #pragma omp for schedule(static, 8)
+        #pragma omp for schedule(dynamic, 8)
         for (int64_t r = 0; r < B * L; ++r) {
             const int64_t b = r / L, l = r % L;
             salient[r] = false;
@@ -404,35 +408,17 @@ extern "C" void kernel(
             }
             bool stale = false;
             for (int64_t h = 0; h < H; ++h) stale |= st.lse_at(b, h, l) == INF;
+            uint8_t row = KEPT;
             if (kv_rows[r] || stale) {
-                how[r] = EXACT;
+                row = EXACT;
             } else if (!cols[b].empty()) {
-                how[r] = st.incremental(b, l, cols[b], &old_keys[b * Hk], &new_keys[b * Hk], scratch)
+                row = st.incremental(b, l, cols[b], &old_keys[b * Hk], &new_keys[b * Hk], scratch)
                     ? INCREMENTAL : EXACT;
             }
-            if (how[r] == KEPT) st.keep(b, l);
-            if (how[r] == INCREMENTAL) salient[r] = st.commit(b, l);
-        }
-        #pragma omp single
-        for (int64_t r = 0; r < B * L; ++r)
-            if (how[r] == EXACT) {
-                exact_in[r / L] = 1;
-                exact_rows.push_back(r);
-            }
-        #pragma omp for schedule(static)
-        for (int64_t i = 0; i < B * Hk; ++i) {
-            const int64_t b = i / Hk, h = i % Hk;
-            // not transposed: the exact rows' scores are dot products over the key rows (transposing every key cost
-            // more than it saved, up to 64 exact rows of 640 in `benchmarks/attention_step.py`'s shapes)
-            if (exact_in[b])
-                all_keys[i].fill(L, [&](int64_t j) { return st.k.at(b, h, j); },
-                                 [&](int64_t j) { return st.v.at(b, h, j); }, false);
-        }
-        #pragma omp for schedule(dynamic, 1)
-        for (size_t i = 0; i < exact_rows.size(); ++i) {
-            const int64_t r = exact_rows[i], b = r / L, l = r % L;
-            st.exact(b, l, &all_keys[b * Hk], scratch);
-            salient[r] = st.commit(b, l);
+            if (row == KEPT) st.keep(b, l);
+            if (row == EXACT) st.exact(b, l, &all_keys[b * Hk], scratch);
+            if (row != KEPT) salient[r] = st.commit(b, l);
+            how[r] = row;
         }
     }
     int64_t counts[4] = {0, 0, 0, 0};  // salient, exact, incremental, query
