@@ -58,8 +58,13 @@ def explain(model: nn.Module, *args, **kwargs) -> Explanation:
     options["lowering"] = "eager"
     module = getattr(model, "_orig_mod", model)
     recorder = _Recorder(**options)
-    with torch.no_grad(), torch._dynamo.config.patch(**_EXPLAIN_LIMITS):
-        torch.compile(_call, backend=recorder, dynamic=False)(module, args, kwargs)
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(**_EXPLAIN_LIMITS):
+            torch.compile(_call, backend=recorder, dynamic=False)(module, args, kwargs)
+    finally:  # Dynamo keeps nothing of this compile for `_call` (its graphs would pile up over explain calls)
+        reset_code = getattr(torch._C._dynamo.eval_frame, "reset_code", None)
+        if reset_code is not None:
+            reset_code(_call.__code__)
     if not recorder.graphs:
         raise RuntimeError(f"dyllm_fx.explain: Dynamo compiled no graph of {type(module).__name__} on these inputs, "
                            "so there is nothing to explain. Its forward may be excluded from Dynamo "

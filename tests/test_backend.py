@@ -1,4 +1,5 @@
 """The dyllm backend: exact at tau=1.0 over denoising trajectories, sparse below, state rules, options."""
+import sys
 import warnings
 
 import pytest
@@ -426,6 +427,10 @@ def test_explain_reports_after_dynamo_reached_its_recompile_limit_and_says_when_
         for _ in range(3):  # another backend each time: the third compile is past the limit, it runs uncompiled
             torch.compile(model, backend=lambda gm, _: gm.forward, dynamic=False)(ids)
         (report,) = dyllm_fx.explain(model, ids)
+        for _ in range(3):  # explain after explain: each traces afresh
+            assert len(dyllm_fx.explain(model, ids)) == 1
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    assert not _debug_get_cache_entry_list(sys.modules["dyllm_fx.explain"]._call.__code__)  # Dynamo kept none
     assert report.fallback is None and report.sites
     with pytest.raises(RuntimeError, match="compiled no graph"):
         dyllm_fx.explain(NotForDynamo(), ids)
