@@ -9,7 +9,7 @@ sparse steps alternate (A then B, then B then A, ...), so both see the same load
 sparse step of each and B / A. A first call and `--warmup` steps per copy (dense steps and compiles) are not timed.
 
 `--dispatched a` (or `b`) compiles that copy with our ops called through the dispatcher, as without
-`kernels/direct_calls.py` (Inductor's compile caches are then off, so that the copies do not share compiled code).
+`kernels/direct_calls.py` (`direct_calls.dispatched`, which turns the compile caches off for that copy's compile).
 """
 import argparse
 import contextlib
@@ -43,14 +43,10 @@ def main(argv=None) -> dict:
     except ValueError as bad:
         p.error(str(bad))
     steps = {name: left_to_right_steps(args, dyllm_fx.backend(**opts))[1] for name, opts in options.items()}
-    with contextlib.ExitStack() as compiling:
-        if args.dispatched:  # the copies must not share compiled code through the caches
-            compiling.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
-            compiling.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
-        for _ in range(args.warmup):
-            for name, step in steps.items():
-                with dispatched() if args.dispatched == name.lower() else contextlib.nullcontext():
-                    step()
+    for _ in range(args.warmup):
+        for name, step in steps.items():
+            with dispatched() if args.dispatched == name.lower() else contextlib.nullcontext():
+                step()
     times = {"A": [], "B": []}
     for i in range(args.pairs):
         for name in ("A", "B") if i % 2 == 0 else ("B", "A"):

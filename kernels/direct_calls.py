@@ -65,11 +65,15 @@ REGISTERED = register()
 
 @contextlib.contextmanager
 def dispatched() -> Iterator[None]:
-    """Inside it, Inductor compiles call our ops through the dispatcher again (benchmarks' A/B, tests)."""
+    """Inside it, Inductor compiles call our ops through the dispatcher again (benchmarks' A/B, tests). Inductor's
+    and AOTAutograd's compile caches are off inside it: their keys do not see the registry, so a cached compile
+    would bring the direct calls back."""
     if not REGISTERED:
         yield
         return
     from torch._inductor.codegen.custom_extern_kernel_codegen import CUSTOM_EXTERN_KERNEL_CODEGEN as registry
 
-    with mock.patch.dict(registry, {k: v for k, v in registry.items() if k not in DIRECT}, clear=True):
+    with mock.patch.dict(registry, {k: v for k, v in registry.items() if k not in DIRECT}, clear=True), \
+            torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
         yield

@@ -68,14 +68,6 @@ def _entry(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> tup
     return entry
 
 
-def packed_weights(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> tuple[Tensor, Optional[Tensor]]:
-    """The packed copy of the concatenated `weights` and the concatenated `biases` (panel layout where
-    `panel_gemm` is built, else oneDNN's), made on first use and again after any of them is replaced or updated
-    in place."""
-    entry = _entry(weights, biases)
-    return entry[2], entry[3]
-
-
 def _plain(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> Tensor:
     outs = [F.linear(x, w, b) for w, b in zip(weights, biases)]
     return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
