@@ -10,8 +10,13 @@ read. The bias is padded the same way.
 Kernel: threads take panels. For each panel the rows go in balanced chunks of at most 6. For every `k`, the
 panel's 16 weights at `k` (two AVX2 vectors) times `x[i, k]` broadcast go into 12 accumulators (6 rows x 2
 vectors: 12 independent FMA chains, 15 of AVX2's 16 registers). There are no horizontal sums. A panel comes from
-memory once per block of `ROW_BLOCK` rows (its first chunk prefetches 64 `k` ahead) and from L1/L2 for its other
-chunks, the last of which prefetches the next panel into L2.
+memory once per block of `ROW_BLOCK` rows, its first chunk prefetching 64 `k` ahead:
+- up to 6 rows (most calls of a sparse step) are one chunk, one pass;
+- 7 to `KBLOCK_ROWS` rows go k-block by k-block (`KBLOCK` k): every chunk runs over the block while it is in
+  L1, the accumulators kept in memory between blocks, so the weights stream from memory without a pause (ad-hoc
+  runs on the development machine: about 10 % faster than one pass per chunk at 8 to 12 rows, no gain from 24);
+- more rows (dense steps: compute-bound) run one pass over the panel per chunk, from L1/L2 after the first, the
+  last chunk prefetching the next panel into L2.
 
 At a sparse step's few rows the time is about one read of the weights; at a dense step's hundreds of rows the
 FMAs bound it. On the development machine (2 AVX2 cores, `benchmarks/gemm_floor.py`) it was faster than oneDNN on
@@ -93,12 +98,82 @@ static inline void chunk_of(int64_t mb, const float* x, const float* panel, cons
     }
 }
 
-// M rows of one panel in balanced chunks of at most 6 (7 rows are 4 + 3, not 6 + 1). The first chunk streams the
-// panel from memory, prefetching PREFETCH k ahead into L1; the others read it from L1/L2, and the last of them
-// prefetches the next panel into L2, so that memory keeps streaming while they compute. A prefetch past the packed
-// weight's end is harmless: prefetches never fault.
+// MB rows over k in [k0, k1), the accumulators loaded from and stored back to acc (k-blocked passes); with
+// PREFETCH_IT, the cache line at pf + k * PANEL is prefetched into L1 for every k
+template <int MB, bool PREFETCH_IT>
+static inline void chunk_part(const float* x, const float* panel, Vec* acc, int64_t k0, int64_t k1, int64_t ldx,
+                              const float* pf) {
+    Vec a[MB][NV];
+    for (int i = 0; i < MB; ++i)
+        for (int v = 0; v < NV; ++v) a[i][v] = acc[i * NV + v];
+    for (int64_t k = k0; k < k1; ++k) {
+        if (PREFETCH_IT) __builtin_prefetch(pf + k * PANEL, 0, 3);
+        step<MB>(a, x + k, panel + k * PANEL, ldx);
+    }
+    for (int i = 0; i < MB; ++i)
+        for (int v = 0; v < NV; ++v) acc[i * NV + v] = a[i][v];
+}
+
+template <bool PREFETCH_IT>
+static inline void part_of(int64_t mb, const float* x, const float* panel, Vec* acc, int64_t k0, int64_t k1,
+                           int64_t ldx, const float* pf) {
+    switch (mb) {
+        case 1: chunk_part<1, PREFETCH_IT>(x, panel, acc, k0, k1, ldx, pf); break;
+        case 2: chunk_part<2, PREFETCH_IT>(x, panel, acc, k0, k1, ldx, pf); break;
+        case 3: chunk_part<3, PREFETCH_IT>(x, panel, acc, k0, k1, ldx, pf); break;
+        case 4: chunk_part<4, PREFETCH_IT>(x, panel, acc, k0, k1, ldx, pf); break;
+        case 5: chunk_part<5, PREFETCH_IT>(x, panel, acc, k0, k1, ldx, pf); break;
+        default: chunk_part<6, PREFETCH_IT>(x, panel, acc, k0, k1, ldx, pf); break;
+    }
+}
+
+constexpr int64_t KBLOCK = 32;  // k per block of the k-blocked passes: 2 KB of the panel, in L1 for every chunk
+constexpr int64_t KBLOCK_ROWS = 18;  // up to this many rows the passes are k-blocked
+constexpr int64_t KBLOCK_CHUNKS = (KBLOCK_ROWS + 5) / 6;
+
+// M rows of one panel, 7 to KBLOCK_ROWS: every chunk over each block of KBLOCK k in turn, the first one streaming
+// the panel from memory (PREFETCH k ahead, into the next panel at its end)
+static inline void rows_k_blocked(const float* x, const float* panel, const float* bias, float* out, int64_t M,
+                                  int64_t K, int64_t ldx, int64_t ldo, int64_t cols) {
+    Vec acc[KBLOCK_CHUNKS * 6 * NV];
+    int64_t start[KBLOCK_CHUNKS], size[KBLOCK_CHUNKS];
+    const int64_t chunks = (M + 5) / 6;
+    for (int64_t c = 0, i = 0; c < chunks; i += size[c], ++c) {
+        start[c] = i;
+        size[c] = (M - i) / (chunks - c);
+    }
+    for (int64_t j = 0; j < chunks * 6 * NV; ++j) acc[j] = Vec(0.f);
+    for (int64_t k0 = 0; k0 < K; k0 += KBLOCK) {
+        const int64_t k1 = std::min(K, k0 + KBLOCK);
+        part_of<true>(size[0], x, panel, acc, k0, k1, ldx, panel + PREFETCH * PANEL);
+        for (int64_t c = 1; c < chunks; ++c)
+            part_of<false>(size[c], x + start[c] * ldx, panel, acc + c * 6 * NV, k0, k1, ldx, panel);
+    }
+    for (int v = 0; v < NV; ++v) {
+        const int64_t left = cols - v * Vec::size();
+        if (left <= 0) break;
+        const Vec b = bias ? Vec::loadu(bias + v * Vec::size()) : Vec(0.f);
+        for (int64_t c = 0; c < chunks; ++c)
+            for (int64_t i = 0; i < size[c]; ++i) {
+                const Vec r = acc[(c * 6 + i) * NV + v] + b;
+                float* o = out + (start[c] + i) * ldo + v * Vec::size();
+                if (left >= Vec::size()) r.store(o);
+                else r.store(o, left);
+            }
+    }
+}
+
+// M rows of one panel in balanced chunks of at most 6 (7 rows are 4 + 3, not 6 + 1). Up to KBLOCK_ROWS rows, k-block
+// by k-block (above). Otherwise one pass per chunk: the first chunk streams the panel from memory, prefetching
+// PREFETCH k ahead into L1; the others read it from L1/L2, and the last of them prefetches the next panel into L2,
+// so that memory keeps streaming while they compute. A prefetch past the packed weight's end is harmless:
+// prefetches never fault.
 static inline void rows(const float* x, const float* panel, const float* bias, float* out, int64_t M, int64_t K,
                         int64_t ldx, int64_t ldo, int64_t cols) {
+    if (M > 6 && M <= KBLOCK_ROWS) {
+        rows_k_blocked(x, panel, bias, out, M, K, ldx, ldo, cols);
+        return;
+    }
     const int64_t chunks = (M + 5) / 6;
     int64_t i = 0;
     for (int64_t c = 0; c < chunks; ++c) {
