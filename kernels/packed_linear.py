@@ -54,18 +54,36 @@ def _pack(w: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
 
 def _entry(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> tuple:
     """The group's `_PACKED` entry, made on first use and again after any weight or bias is replaced or updated in
-    place: (refs, versions, packed weight, packed bias, output features)."""
+    place (`_current`): (refs, versions, packed weight, packed bias, output features, input features, the
+    packed bias's address or 0)."""
+    entry = _PACKED.get(id(weights[0]))
+    if entry is not None and _current(entry, weights, biases):
+        return entry
     parts = (*weights, *(b for b in biases if b is not None))
     key = id(weights[0])
-    entry = _PACKED.get(key)
-    if entry is None or len(entry[0]) != len(parts) or entry[1] != tuple(t._version for t in parts) or \
-            any(ref() is not t for ref, t in zip(entry[0], parts)):
-        w = weights[0].detach() if len(weights) == 1 else torch.cat([w.detach() for w in weights])
-        refs = (weakref.ref(weights[0], lambda _, key=key: _PACKED.pop(key, None)),
-                *(weakref.ref(t) for t in parts[1:]))
-        entry = (refs, tuple(t._version for t in parts), *_pack(w, _concatenated_bias(weights, biases)), w.shape[0])
-        _PACKED[key] = entry
+    w = weights[0].detach() if len(weights) == 1 else torch.cat([w.detach() for w in weights])
+    refs = (weakref.ref(weights[0], lambda _, key=key: _PACKED.pop(key, None)),
+            *(weakref.ref(t) for t in parts[1:]))
+    packed, bias = _pack(w, _concatenated_bias(weights, biases))
+    entry = (refs, tuple(t._version for t in parts), packed, bias, w.shape[0], w.shape[1],
+             0 if bias is None else bias.data_ptr())
+    _PACKED[key] = entry
     return entry
+
+
+def _current(entry: tuple, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> bool:
+    """Whether `entry` was made from these very weights and biases, none updated in place since (a plain loop: this
+    runs on every call, ~120 per sparse step)."""
+    refs, versions = entry[0], entry[1]
+    i = 0
+    for group in (weights, biases):
+        for t in group:
+            if t is None:
+                continue
+            if i == len(refs) or refs[i]() is not t or versions[i] != t._version:
+                return False
+            i += 1
+    return i == len(refs)
 
 
 def _plain(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> Tensor:
@@ -79,16 +97,24 @@ torch.library.define("dyllm::packed_linear", "(Tensor x, Tensor[] weights, Tenso
 
 
 def packed_linear_cpu(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]]) -> Tensor:
-    """The op on CPU (also called directly by Inductor's wrapper, `direct_calls.py`)."""
-    kernel = panel_gemm.available()
-    if x.dtype != torch.float32 or any(w.dtype != torch.float32 for w in weights) or not (kernel or _ONEDNN):
-        return _plain(x, weights, biases)
+    """The op on CPU (also called directly by Inductor's wrapper, `direct_calls.py`). Lean on purpose: in a sparse
+    step every microsecond of Python here is paid ~120 times, and several times over (the GEMMs between the calls
+    evict the interpreter's data from the caches)."""
+    entry = _PACKED.get(id(weights[0]))
+    if entry is None or x.dtype != torch.float32 or not _current(entry, weights, biases):
+        if x.dtype != torch.float32 or any(w.dtype != torch.float32 for w in weights) or \
+                not (panel_gemm.available() or _ONEDNN):
+            return _plain(x, weights, biases)
+        entry = _entry(weights, biases)
+    _, _, packed, bias, n, k, bias_ptr = entry
     flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    _, _, packed, bias, n = _entry(weights, biases)
+    if flat.shape[1] != k:  # bounds the kernel's reads
+        raise ValueError(f"packed_linear: the input has {flat.shape[1]} features, the weights {k}")
+    kernel = panel_gemm.kernel()
     if flat.shape[0] == 0:
         y = flat.new_empty(0, n)
-    elif kernel:
-        y = panel_gemm.run(flat if flat.stride(1) == 1 else flat.contiguous(), packed, bias, n)
+    elif kernel is not None:
+        y = panel_gemm.call(kernel, flat if flat.stride(1) == 1 else flat.contiguous(), packed, bias_ptr, n)
     else:
         y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), packed, bias, "none", [], "")
     return y if x.dim() == 2 else y.view(*x.shape[:-1], n)

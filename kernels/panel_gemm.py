@@ -206,14 +206,14 @@ extern "C" void kernel(const float* x, const float* packed, uintptr_t bias_ptr, 
 _ARGTYPES = ["const float*", "const float*", "uintptr_t", "uintptr_t"] + ["int64_t"] * 6
 
 
-def _kernel():
+def kernel():
     """The compiled kernel, or None (with one warning) where it cannot be built: callers take another GEMM."""
     return cpp_build.load("panel_gemm", _ARGTYPES, _SOURCE, "gated linears use oneDNN")
 
 
 def available() -> bool:
     """Whether the kernel is built (compiles it at the first call, a few seconds, then from Inductor's cache)."""
-    return _kernel() is not None
+    return kernel() is not None
 
 
 def pack(weight: Tensor) -> Tensor:
@@ -246,24 +246,24 @@ def linear(x: Tensor, packed: Tensor, bias: Optional[Tensor], n: int, row_block:
                          f"got {packed.dtype} {tuple(packed.shape)}")
     if bias is not None and (bias.shape != (packed.shape[0] * PANEL,) or not bias.is_contiguous()):
         raise ValueError("panel_gemm: bias must be pack_bias(b) of a [n] bias")
-    if _kernel() is None:
+    built = kernel()
+    if built is None:
         raise RuntimeError("panel_gemm: the kernel could not be compiled (see the warning above); use F.linear")
-    return run(x, packed, bias, n, row_block)
+    return call(built, x, packed, 0 if bias is None else bias.data_ptr(), n, row_block)
 
 
-def run(x: Tensor, packed: Tensor, bias: Optional[Tensor], n: int, row_block: int = ROW_BLOCK) -> Tensor:
-    """`linear` for `packed_linear`, which made `packed` and `bias` itself: the kernel built, `x` fp32 on the CPU
-    with contiguous rows. Checks only the shared axis (it bounds the kernel's reads)."""
-    m, k = x.shape
-    if packed.shape[1] != k:
-        raise ValueError(f"panel_gemm: the input has {k} features, the weight {packed.shape[1]}")
+def call(kernel, x: Tensor, packed: Tensor, bias_ptr: int, n: int, row_block: int = ROW_BLOCK) -> Tensor:
+    """`linear` without its checks, for `packed_linear`, which made `packed` and the bias (at `bias_ptr`, 0 for
+    none) itself and checked `x`'s width against the weight's: `kernel` is `kernel()`, `x` fp32 on the CPU with
+    contiguous rows."""
+    m = x.shape[0]
     out = x.new_empty(m, n)
     if m and n:
-        args = (x, packed, 0 if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, x.stride(0), n, row_block)
+        args = (x, packed, bias_ptr, out.data_ptr(), m, n, x.shape[1], x.stride(0), n, row_block)
         # a named event for benchmarks/profile_step.py, only while profiling (record_function is an op call itself)
         if _profiler._is_profiler_enabled:
             with torch.profiler.record_function("dyllm::panel_gemm"):
-                _kernel()(*args)
+                kernel(*args)
         else:
-            _kernel()(*args)
+            kernel(*args)
     return out

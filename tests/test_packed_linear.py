@@ -120,6 +120,15 @@ def test_a_group_repacks_when_any_member_changes_or_is_replaced():
     torch.testing.assert_close(ops.packed_linear(x, [w1, w3], [None, b2]), plain(x, [w1, w3], [None, b2]),
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ops.packed_linear(x, [w1], [None]), F.linear(x, w1), rtol=1e-5, atol=1e-5)
+    # a bias where there was none (same weights) is another group too
+    torch.testing.assert_close(ops.packed_linear(x, [w1], [b2[:4]]), F.linear(x, w1, b2[:4]), rtol=1e-5, atol=1e-5)
+
+
+def test_an_input_of_another_width_than_the_weights_is_refused():
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    ops.packed_linear(x, [w], [None])  # packed
+    with pytest.raises(ValueError, match="features"):
+        ops.packed_linear(torch.randn(3, 9), [w], [None])
 
 
 def test_other_dtypes_are_the_plain_linear():
