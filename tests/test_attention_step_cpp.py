@@ -42,12 +42,15 @@ def test_the_cpp_step_agrees_with_the_traced_one(B, Hk, g, L, D, mask_kind, tau,
         rows = everyone if i == 0 else torch.rand(B, L, generator=gen) < p
         query = everyone if i % 2 == 0 else torch.rand(B, L, generator=gen) < 0.8
         q, k, v = _changed(q, rows, gen), _changed(k, rows, gen), _changed(v, rows, gen)
-        want = torch_layer(q, k, v, mask, rows, query=query, dense=i == 0)
-        got = cpp_layer(q, k, v, mask, rows, query=query, dense=i == 0, step=attention_step)
+        always = everyone if i == 0 else None  # the backend's dense step: every row entered layer 0
+        want = torch_layer(q, k, v, mask, rows, query=query, always=always, dense=i == 0)
+        got = cpp_layer(q, k, v, mask, rows, query=query, always=always, dense=i == 0, step=attention_step)
         torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
         for a, b in zip(cpp_layer.caches, torch_layer.caches):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         assert torch.equal(cpp_layer.stats[1:], torch_layer.stats[1:])  # exact, incremental, query rows
+        if i == 0:  # the dense step: every row salient in both (the C++ form skips the cosines there)
+            assert torch.equal(got[1], want[1]) and got[1].all() and torch.equal(cpp_layer.stats, torch_layer.stats)
         if tau == 1.0 and before is not None:
             moved = (got[0] != before).any(3).any(1) & query
             assert got[1][moved].all()
