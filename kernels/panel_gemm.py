@@ -252,9 +252,9 @@ def linear(x: Tensor, packed: Tensor, bias: Optional[Tensor], n: int, row_block:
     return call(built, x, packed, 0 if bias is None else bias.data_ptr(), n, row_block)
 
 
-def call(kernel, x: Tensor, packed: Tensor, bias_ptr: int, n: int, row_block: int = ROW_BLOCK) -> Tensor:
+def call(built, x: Tensor, packed: Tensor, bias_ptr: int, n: int, row_block: int = ROW_BLOCK) -> Tensor:
     """`linear` without its checks, for `packed_linear`, which made `packed` and the bias (at `bias_ptr`, 0 for
-    none) itself and checked `x`'s width against the weight's: `kernel` is `kernel()`, `x` fp32 on the CPU with
+    none) itself and checked `x`'s width against the weight's: `built` is `kernel()`, `x` fp32 on the CPU with
     contiguous rows."""
     m = x.shape[0]
     out = x.new_empty(m, n)
@@ -263,7 +263,7 @@ def call(kernel, x: Tensor, packed: Tensor, bias_ptr: int, n: int, row_block: in
         # a named event for benchmarks/profile_step.py, only while profiling (record_function is an op call itself)
         if _profiler._is_profiler_enabled:
             with torch.profiler.record_function("dyllm::panel_gemm"):
-                kernel(*args)
+                built(*args)
         else:
-            kernel(*args)
+            built(*args)
     return out
