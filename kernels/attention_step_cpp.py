@@ -535,16 +535,9 @@ def _dense_step(q, k, v, bias, query_rows, always_rows, k_prev, v_prev, ctx_cach
     keys, values = (k, v) if g == 1 else (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
     ctx, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, False,
                                                                            attn_mask=bias, scale=scale)[:2]
-    if bool((always_rows | ~query_rows).all()):
-        # every query row is salient whatever its cosine (a dense step: every row is in `always_rows`): the same
-        # results as `update_context` without its saliency test over every row
-        ctx = torch.where(query_rows[:, None, :, None], ctx, ctx_cache)
-        ctx_cache.copy_(ctx)
-        salient = query_rows.clone()
-        n_query = query_rows.sum()
-        stats.copy_(torch.stack([n_query, n_query, torch.zeros_like(n_query), n_query]))
-    else:
-        ctx, salient = update_context(ctx, ctx_cache, query_rows, always_rows, stats, tau)
+    # no cosines where every query row is salient whatever its cosine (a dense step: every row is in `always_rows`)
+    ctx, salient = update_context(ctx, ctx_cache, query_rows, always_rows, stats, tau,
+                                  test=not bool((always_rows | ~query_rows).all()))
     lse_cache.copy_(torch.where(query_rows[:, None, :], lse, math.inf))
     k_prev.copy_(k)
     v_prev.copy_(v)

@@ -27,11 +27,13 @@ def exact_attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Te
 
 
 def update_context(new: Tensor, ctx_cache: Tensor, query_rows: Tensor, always_rows: Tensor, stats: Tensor,
-                   tau: float) -> tuple[Tensor, Tensor]:
+                   tau: float, test: bool = True) -> tuple[Tensor, Tensor]:
     """Every query row's new fp32 context `new` against the cache: the saliency test, the cache write and the
-    stats of a step whose query rows were all computed exactly (also `delta_attention`'s one-SDPA path)."""
+    stats of a step whose query rows were all computed exactly (also `delta_attention`'s one-SDPA path).
+    `test=False` skips the cosines, for a caller that knows every query row is in `always_rows` (salient whatever
+    its cosine: a dense step)."""
     ctx = torch.where(query_rows[:, None, :, None], new, ctx_cache)
-    salient = saliency_reference(ctx, ctx_cache, query_rows, always_rows, tau)
+    salient = saliency_reference(ctx, ctx_cache, query_rows, always_rows, tau) if test else always_rows & query_rows
     ctx_cache.copy_(ctx)
     n_query = query_rows.sum()
     stats.copy_(torch.stack([salient.sum(), n_query, torch.zeros_like(n_query), n_query]))

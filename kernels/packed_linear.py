@@ -27,9 +27,9 @@ from torch import Tensor
 
 from . import panel_gemm
 
-# id(first weight) -> (weakrefs to the group's weights and biases, their versions, packed weight, packed bias); a
-# plain dict (a weak-keyed one cost more per lookup than a sparse step's GEMM on a few rows), cleared by the first
-# weakref's callback when the weight is freed
+# id(first weight) -> the group's entry (`_new_entry`: weakrefs to its weights and biases, their versions, the packed
+# copies, its sizes); a plain dict (a weak-keyed one cost more per lookup than a sparse step's GEMM on a few rows),
+# cleared by the first weakref's callback when the weight is freed
 _PACKED: dict = {}
 PACK_ROWS_HINT = 16  # the row count oneDNN chooses its packed layout for (where panel_gemm is not built)
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -52,13 +52,10 @@ def _pack(w: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
     return torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT), bias
 
 
-def _entry(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> tuple:
-    """The group's `_PACKED` entry, made on first use and again after any weight or bias is replaced or updated in
-    place (`_current`): (refs, versions, packed weight, packed bias, output features, input features, the
-    packed bias's address or 0)."""
-    entry = _PACKED.get(id(weights[0]))
-    if entry is not None and _current(entry, weights, biases):
-        return entry
+def _new_entry(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> tuple:
+    """Packs the group into its `_PACKED` entry, where it has none or its entry is not `_current` (a weight or bias
+    replaced or updated in place): (refs, versions, packed weight, packed bias, output features, input features,
+    the packed bias's address or 0)."""
     parts = (*weights, *(b for b in biases if b is not None))
     key = id(weights[0])
     w = weights[0].detach() if len(weights) == 1 else torch.cat([w.detach() for w in weights])
@@ -105,7 +102,7 @@ def packed_linear_cpu(x: Tensor, weights: list[Tensor], biases: list[Optional[Te
         if x.dtype != torch.float32 or any(w.dtype != torch.float32 for w in weights) or \
                 not (panel_gemm.available() or _ONEDNN):
             return _plain(x, weights, biases)
-        entry = _entry(weights, biases)
+        entry = _new_entry(weights, biases)
     _, _, packed, bias, n, k, bias_ptr = entry
     flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if flat.shape[1] != k:  # bounds the kernel's reads

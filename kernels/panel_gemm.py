@@ -61,27 +61,37 @@ static inline void step(Vec (&acc)[MB][NV], const float* x, const float* wk, int
     }
 }
 
-// out[i, 0:cols] = bias + sum_k x[i, k] * panel[k, 0:cols] for MB rows; for every k, the cache line at pf + k * PANEL
-// is prefetched (HINT)
+// acc[i] += sum over k in [k0, k1) of x[i, k] * panel[k, 0:PANEL] for the MB rows of a chunk; for every k, the
+// cache line at pf + k * PANEL is prefetched (HINT; not where HINT < 0)
+template <int MB, int HINT>
+static inline void accumulate(Vec (&acc)[MB][NV], const float* x, const float* panel, int64_t k0, int64_t k1,
+                              int64_t ldx, const float* pf) {
+    for (int64_t k = k0; k < k1; ++k) {
+        if constexpr (HINT >= 0) __builtin_prefetch(pf + k * PANEL, 0, HINT);
+        step<MB>(acc, x + k, panel + k * PANEL, ldx);
+    }
+}
+
+// the first `left` columns of r (all of them where left >= Vec::size()) into o
+static inline void store_cols(Vec r, float* o, int64_t left) {
+    if (left >= Vec::size()) r.store(o);
+    else r.store(o, left);
+}
+
+// out[i, 0:cols] = bias + sum_k x[i, k] * panel[k, 0:cols] for MB rows, prefetching as `accumulate`
 template <int MB, int HINT>
 static inline void chunk(const float* x, const float* panel, const float* bias, float* out, int64_t K, int64_t ldx,
                          int64_t ldo, int64_t cols, const float* pf) {
     Vec acc[MB][NV];
     for (int i = 0; i < MB; ++i)
         for (int v = 0; v < NV; ++v) acc[i][v] = Vec(0.f);
-    for (int64_t k = 0; k < K; ++k) {
-        __builtin_prefetch(pf + k * PANEL, 0, HINT);
-        step<MB>(acc, x + k, panel + k * PANEL, ldx);
-    }
+    accumulate<MB, HINT>(acc, x, panel, 0, K, ldx, pf);
     for (int v = 0; v < NV; ++v) {
         const int64_t left = cols - v * Vec::size();
         if (left <= 0) break;
         const Vec b = bias ? Vec::loadu(bias + v * Vec::size()) : Vec(0.f);
-        for (int i = 0; i < MB; ++i) {
-            Vec r = acc[i][v] + b;  // a copy: taking the accumulators' address would keep them in memory
-            if (left >= Vec::size()) r.store(out + i * ldo + v * Vec::size());
-            else r.store(out + i * ldo + v * Vec::size(), left);
-        }
+        // a copy: taking the accumulators' address would keep them in memory
+        for (int i = 0; i < MB; ++i) store_cols(acc[i][v] + b, out + i * ldo + v * Vec::size(), left);
     }
 }
 
@@ -98,32 +108,29 @@ static inline void chunk_of(int64_t mb, const float* x, const float* panel, cons
     }
 }
 
-// MB rows over k in [k0, k1), the accumulators loaded from and stored back to acc (k-blocked passes); with
-// PREFETCH_IT, the cache line at pf + k * PANEL is prefetched into L1 for every k
-template <int MB, bool PREFETCH_IT>
+// MB rows over k in [k0, k1), the accumulators loaded from and stored back to acc (k-blocked passes), prefetching
+// as `accumulate`
+template <int MB, int HINT>
 static inline void chunk_part(const float* x, const float* panel, Vec* acc, int64_t k0, int64_t k1, int64_t ldx,
                               const float* pf) {
     Vec a[MB][NV];
     for (int i = 0; i < MB; ++i)
         for (int v = 0; v < NV; ++v) a[i][v] = acc[i * NV + v];
-    for (int64_t k = k0; k < k1; ++k) {
-        if (PREFETCH_IT) __builtin_prefetch(pf + k * PANEL, 0, 3);
-        step<MB>(a, x + k, panel + k * PANEL, ldx);
-    }
+    accumulate<MB, HINT>(a, x, panel, k0, k1, ldx, pf);
     for (int i = 0; i < MB; ++i)
         for (int v = 0; v < NV; ++v) acc[i * NV + v] = a[i][v];
 }
 
-template <bool PREFETCH_IT>
+template <int HINT>
 static inline void part_of(int64_t mb, const float* x, const float* panel, Vec* acc, int64_t k0, int64_t k1,
                            int64_t ldx, const float* pf) {
     switch (mb) {
-        case 1: chunk_part<1, PREFETCH_IT>(x, panel, acc, k0, k1, ldx, pf); break;
-        case 2: chunk_part<2, PREFETCH_IT>(x, panel, acc, k0, k1, ldx, pf); break;
-        case 3: chunk_part<3, PREFETCH_IT>(x, panel, acc, k0, k1, ldx, pf); break;
-        case 4: chunk_part<4, PREFETCH_IT>(x, panel, acc, k0, k1, ldx, pf); break;
-        case 5: chunk_part<5, PREFETCH_IT>(x, panel, acc, k0, k1, ldx, pf); break;
-        default: chunk_part<6, PREFETCH_IT>(x, panel, acc, k0, k1, ldx, pf); break;
+        case 1: chunk_part<1, HINT>(x, panel, acc, k0, k1, ldx, pf); break;
+        case 2: chunk_part<2, HINT>(x, panel, acc, k0, k1, ldx, pf); break;
+        case 3: chunk_part<3, HINT>(x, panel, acc, k0, k1, ldx, pf); break;
+        case 4: chunk_part<4, HINT>(x, panel, acc, k0, k1, ldx, pf); break;
+        case 5: chunk_part<5, HINT>(x, panel, acc, k0, k1, ldx, pf); break;
+        default: chunk_part<6, HINT>(x, panel, acc, k0, k1, ldx, pf); break;
     }
 }
 
@@ -145,21 +152,17 @@ static inline void rows_k_blocked(const float* x, const float* panel, const floa
     for (int64_t j = 0; j < chunks * 6 * NV; ++j) acc[j] = Vec(0.f);
     for (int64_t k0 = 0; k0 < K; k0 += KBLOCK) {
         const int64_t k1 = std::min(K, k0 + KBLOCK);
-        part_of<true>(size[0], x, panel, acc, k0, k1, ldx, panel + PREFETCH * PANEL);
+        part_of<3>(size[0], x, panel, acc, k0, k1, ldx, panel + PREFETCH * PANEL);
         for (int64_t c = 1; c < chunks; ++c)
-            part_of<false>(size[c], x + start[c] * ldx, panel, acc + c * 6 * NV, k0, k1, ldx, panel);
+            part_of<-1>(size[c], x + start[c] * ldx, panel, acc + c * 6 * NV, k0, k1, ldx, panel);
     }
     for (int v = 0; v < NV; ++v) {
         const int64_t left = cols - v * Vec::size();
         if (left <= 0) break;
         const Vec b = bias ? Vec::loadu(bias + v * Vec::size()) : Vec(0.f);
         for (int64_t c = 0; c < chunks; ++c)
-            for (int64_t i = 0; i < size[c]; ++i) {
-                const Vec r = acc[(c * 6 + i) * NV + v] + b;
-                float* o = out + (start[c] + i) * ldo + v * Vec::size();
-                if (left >= Vec::size()) r.store(o);
-                else r.store(o, left);
-            }
+            for (int64_t i = 0; i < size[c]; ++i)
+                store_cols(acc[(c * 6 + i) * NV + v] + b, out + (start[c] + i) * ldo + v * Vec::size(), left);
     }
 }
 
