@@ -77,18 +77,36 @@ struct Keys {
     }
 };
 
-static inline float dot(const float* a, const float* b) {
-    Vec acc0(0.f), acc1(0.f);
-    int64_t d = 0;
-    for (; d + 2 * V <= D; d += 2 * V) {
-        acc0 = at::vec::fmadd(Vec::loadu(a + d), Vec::loadu(b + d), acc0);
-        acc1 = at::vec::fmadd(Vec::loadu(a + d + V), Vec::loadu(b + d + V), acc1);
+// the sums of 8 vectors' lanes: s[j] = sum of acc[j]'s lanes for j < m
+static inline void sums8(const Vec* acc, float* s, int64_t m) {
+#if defined(CPU_CAPABILITY_AVX2)
+    // pairwise horizontal adds: one vector of the 8 sums, no per-vector reduction
+    const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
+    const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // per 128-bit half: 0 1 2 3 | 4 5 6 7
+    const Vec all = Vec(_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+    all.store(s, m);
+#else
+    for (int64_t j = 0; j < m; ++j) s[j] = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc[j]);
+#endif
+}
+
+// s[j] = q . rows[j] for j < n, 8 rows at a time: each chunk of q is loaded once for the 8 rows, 8 independent FMA
+// chains, and one horizontal pass for the 8 sums (`dot` per row loads q per row and reduces per row)
+static inline void dots(const float* q, const float* const* rows, int64_t n, float* s) {
+    for (int64_t j0 = 0; j0 < n; j0 += 8) {
+        const int64_t m = std::min<int64_t>(8, n - j0);
+        const float* r[8];
+        for (int64_t j = 0; j < 8; ++j) r[j] = rows[j0 + std::min(j, m - 1)];  // padding repeats the last row
+        Vec acc[8];
+        for (int j = 0; j < 8; ++j) acc[j] = Vec(0.f);
+        for (int64_t d = 0; d < D; d += V) {
+            const int64_t cnt = std::min<int64_t>(V, D - d);  // a partial load fills the other lanes with 0
+            const Vec qv = Vec::loadu(q + d, cnt);
+            for (int j = 0; j < 8; ++j) acc[j] = at::vec::fmadd(qv, Vec::loadu(r[j] + d, cnt), acc[j]);
+        }
+        sums8(acc, s + j0, m);
     }
-    for (; d < D; d += V) {
-        const int64_t cnt = std::min<int64_t>(V, D - d);  // a partial load fills the other lanes with 0
-        acc0 = at::vec::fmadd(Vec::loadu(a + d, cnt), Vec::loadu(b + d, cnt), acc0);
-    }
-    return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc0 + acc1);
 }
 
 // s[0:W] = q . key_j for every j of `a` (0 past its keys), and t[0:W] the same over `b` (same W), when given
@@ -96,7 +114,7 @@ static inline void scores(const float* q, const Keys& a, float* s, const Keys* b
                           float* t = nullptr) {
     const int64_t W = a.W;
     if (a.kt.empty()) {  // keys not transposed (`exact`; `incremental_few` calls `dot` itself)
-        for (int64_t j = 0; j < (int64_t)a.keys.size(); ++j) s[j] = dot(q, a.keys[j]);
+        dots(q, a.keys.data(), a.keys.size(), s);
         return;
     }
     for (int64_t w = 0; w < W; w += V) {
@@ -261,16 +279,23 @@ struct Step {
         const int64_t n = cols.size(), Hp = padded(H);
         float *so = x.s.data(), *sn = x.t.data(), *me = x.m.data();  // [H][n]: old, new scores; each head's max
         float *mx = x.heads.data(), *base = mx + Hp, *den = base + Hp, *lse_new = den + Hp;  // [H] each
+        const float* both[2 * FEW_KEYS];  // a KV head's previous then current changed keys
+        float st[2 * FEW_KEYS];  // their scores
         for (int64_t h = 0; h < H; ++h) {
-            const float* qv = q.at(b, h, l);
             const float* brow = bias_row(b, h, l);
             const Keys &ko = old_keys[h / g], &kn = new_keys[h / g];
+            if (h % g == 0)
+                for (int64_t i = 0; i < n; ++i) {
+                    both[i] = ko.keys[i];
+                    both[n + i] = kn.keys[i];
+                }
+            dots(q.at(b, h, l), both, 2 * n, st);
             const float lse0 = lse_at(b, h, l);
             float m = lse0;
             for (int64_t i = 0; i < n; ++i) {
                 const float bias_i = brow ? brow[cols[i]] : 0.f;
-                so[h * n + i] = dot(qv, ko.keys[i]) * scale + bias_i;
-                sn[h * n + i] = dot(qv, kn.keys[i]) * scale + bias_i;
+                so[h * n + i] = st[i] * scale + bias_i;
+                sn[h * n + i] = st[n + i] * scale + bias_i;
                 m = std::max(m, sn[h * n + i]);
             }
             mx[h] = m;
