@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another dyllm backend option for every dyllm mode (repeatable), e.g. exact_attention_below=0")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--repeats", type=int, default=1, help="timed decodes per mode after the warm-up; best is kept")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of timed decodes after the warm-ups, one decode of every mode in turn per round; each mode keeps its best")
     p.add_argument("--remasking", default="low_confidence", choices=REMASKING)
     p.add_argument("--confidence-threshold", type=float, default=None, help="Fast-dLLM parallel decoding")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results, config and machine here")
@@ -218,34 +218,54 @@ def _timed_decode(model, input_ids, gen_kwargs, args) -> tuple[float, "object"]:
     return time.perf_counter() - start, out
 
 
-def run_mode(base_model, mode: str, dyllm_options: Optional[dict], input_ids, gen_kwargs: dict, args,
-             reference=None) -> tuple[dict, "object"]:
-    """Warm-up plus args.repeats timed decodes of a fresh copy of base_model; (result row, last output).
+def run_modes(base_model, modes: list[tuple[str, Optional[dict]]], input_ids, gen_kwargs: dict, args,
+              reference=None, progress=None) -> tuple[list[dict], "object"]:
+    """One result row per mode of `modes` ([(label, dyllm options or None)]), and the reference decode.
 
-    reference: the eager decode, for token agreement and teacher-forced agreement (None for eager itself)."""
+    Every mode is compiled on a fresh copy of base_model and warmed up by one decode (compilation included); then
+    `args.repeats` rounds time one decode of every mode in turn, and each mode keeps its best. Taking turns puts
+    every mode's decodes in the same stretch of the machine's load, so a speedup compares like with like on a
+    shared machine (one mode after the other, a load that changed between them moved the ratio). Every compiled
+    copy stays alive until the rounds end: memory grows with the number of modes.
+
+    reference: the eager decode, for token agreement and teacher-forced agreement; None where "eager" is one of
+    the modes (its warm-up decode is the reference then). progress: called with a short label after each decode."""
     torch._dynamo.reset()
-    model = _compiled(copy.deepcopy(base_model), mode, dyllm_options)
-    warmup_s, out = _timed_decode(model, input_ids, gen_kwargs, args)
-    steady_s = math.inf
-    for _ in range(args.repeats):
-        seconds, out = _timed_decode(model, input_ids, gen_kwargs, args)
-        steady_s = min(steady_s, seconds)
-    row = {"mode": mode, "dyllm_options": dyllm_options, "warmup_s": warmup_s, "steady_s": steady_s,
-           "compile_s": max(warmup_s - steady_s, 0.0), "forward_calls": out.forward_calls,
-           "tokens_per_s": out.num_generated_tokens / steady_s, "ms_per_step": 1000 * steady_s / out.forward_calls,
-           "token_agreement": None, "teacher_forced_agreement": None, "extras": {}}
-    if dyllm_options is not None:
-        row["extras"] = _dyllm_extras(model)
-    if reference is None:
-        row["token_agreement"] = 1.0
-    else:
-        row["token_agreement"] = (out.generated == reference.generated).double().mean().item()
-        row["teacher_forced_agreement"] = teacher_forced_agreement(
-            model, reference, mask_id=gen_kwargs["mask_id"], shift_logits=gen_kwargs["shift_logits"],
-            attention_mask=gen_kwargs["attention_mask"])
-    del model
+    live = []  # [label, dyllm options, model, warm-up seconds, best seconds, last output]
+    # one compiled copy per mode, all alive: each is a compiled version of the same `forward`
+    limit = torch._dynamo.config.recompile_limit + len(modes)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        for mode, dyllm_options in modes:
+            model = _compiled(copy.deepcopy(base_model), mode, dyllm_options)
+            warmup_s, out = _timed_decode(model, input_ids, gen_kwargs, args)
+            live.append([mode, dyllm_options, model, warmup_s, math.inf, out])
+            if mode == "eager":
+                reference = out
+            progress and progress(f"{mode} (warm-up)")
+        for _ in range(args.repeats):
+            for entry in live:
+                seconds, entry[5] = _timed_decode(entry[2], input_ids, gen_kwargs, args)
+                entry[4] = min(entry[4], seconds)
+                progress and progress(entry[0])
+        rows = []
+        for mode, dyllm_options, model, warmup_s, steady_s, out in live:
+            row = {"mode": mode, "dyllm_options": dyllm_options, "warmup_s": warmup_s, "steady_s": steady_s,
+                   "compile_s": max(warmup_s - steady_s, 0.0), "forward_calls": out.forward_calls,
+                   "tokens_per_s": out.num_generated_tokens / steady_s,
+                   "ms_per_step": 1000 * steady_s / out.forward_calls,
+                   "token_agreement": (out.generated == reference.generated).double().mean().item(),
+                   "teacher_forced_agreement": None, "extras": {}}
+            if dyllm_options is not None:
+                row["extras"] = _dyllm_extras(model)
+            if mode != "eager":
+                row["teacher_forced_agreement"] = teacher_forced_agreement(
+                    model, reference, mask_id=gen_kwargs["mask_id"], shift_logits=gen_kwargs["shift_logits"],
+                    attention_mask=gen_kwargs["attention_mask"])
+            rows.append(row)
+    live.clear()
+    torch._dynamo.reset()
     gc.collect()
-    return row, out
+    return rows, reference
 
 
 def format_table(rows: list[dict]) -> str:
@@ -316,21 +336,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(note)
     sys.stdout.flush()
 
-    rows, reference = [], None
-    with tqdm(total=len(modes) + ("eager" not in args.modes), desc="modes", unit="mode") as bar:
+    with tqdm(total=len(modes) * (1 + args.repeats) + ("eager" not in args.modes), desc="decodes",
+              unit="decode") as bar:
+        reference = None
         if "eager" not in args.modes:
             bar.set_postfix_str("eager reference")
             _, reference = _timed_decode(base_model, input_ids, gen_kwargs, args)
             bar.update(1)
-        for mode, dyllm_options in modes:
-            bar.set_postfix_str(mode)
-            row, out = run_mode(base_model, mode, dyllm_options, input_ids, gen_kwargs, args,
-                                reference=None if mode == "eager" else reference)
-            if mode == "eager":
-                reference = out
-            rows.append(row)
+
+        def progress(label):
+            bar.set_postfix_str(label)
             bar.update(1)
-    torch._dynamo.reset()
+
+        rows, reference = run_modes(base_model, modes, input_ids, gen_kwargs, args, reference, progress)
 
     table = format_table(rows)
     print(table)

@@ -80,3 +80,27 @@ def test_dyllm_options_reach_every_dyllm_mode():
     assert not notes and [label for label, _ in modes] == [
         "dyllm tau=0.99 paper exact_attention_below=0 dense_steps=2", "dyllm tau=0.99 full exact_attention_below=0 dense_steps=2"]
     assert modes[1][1] == {"tau": 0.99, "policy": "full", "exact_attention_below": 0, "dense_steps": 2}
+
+
+def test_modes_take_turns_after_their_warm_ups_and_each_keeps_its_best(monkeypatch):
+    from dyllm_fx import bench
+    from dyllm_fx.models import get_model
+
+    args = bench.parse_args(TINY[:-3] + ["eager", "dyllm", "--dyllm-option", "lowering='eager'", "--repeats", "3",
+                                         "--prompts", "builtin"])
+    modes, _ = bench._modes(args)
+    base = get_model(args.model)
+    ids, mask, _ = bench._prompts(args, base)
+    gen_kwargs = dict(gen_length=8, steps=8, block_length=4, mask_id=base.config.mask_token_id,
+                      shift_logits=bool(base.config.shift_logits), attention_mask=mask)
+    seconds = iter([5.0, 6.0, 3.0, 4.0, 2.0, 9.0, 4.0, 1.0])  # warm-ups, then 3 rounds of (eager, dyllm)
+    timed = bench._timed_decode
+    monkeypatch.setattr(bench, "_timed_decode", lambda *a: (next(seconds), timed(*a)[1]))
+    labels = []
+    rows, reference = bench.run_modes(base, modes, ids, gen_kwargs, args, progress=labels.append)
+    dyllm = modes[1][0]
+    assert labels == ["eager (warm-up)", f"{dyllm} (warm-up)"] + ["eager", dyllm] * 3
+    assert [(r["warmup_s"], r["steady_s"]) for r in rows] == [(5.0, 2.0), (6.0, 1.0)]
+    assert rows[0]["teacher_forced_agreement"] is None and rows[1]["teacher_forced_agreement"] == 1.0
+    assert rows[1]["token_agreement"] == 1.0 and rows[1]["extras"]["ideal speedup"].endswith("x")
+    assert reference is not None and reference.generated.shape == (2, 8)
