@@ -15,8 +15,9 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -53,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another dyllm backend option for every dyllm mode (repeatable), e.g. exact_attention_below=0")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--repeats", type=int, default=1, help="rounds of timed decodes after the warm-ups, one decode of every mode in turn per round; each mode keeps its best")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of timed decodes after the warm-ups, one decode of every mode in turn per round; "
+                        "each mode keeps its best")
     p.add_argument("--remasking", default="low_confidence", choices=REMASKING)
     p.add_argument("--confidence-threshold", type=float, default=None, help="Fast-dLLM parallel decoding")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results, config and machine here")
@@ -218,8 +221,20 @@ def _timed_decode(model, input_ids, gen_kwargs, args) -> tuple[float, "object"]:
     return time.perf_counter() - start, out
 
 
+@dataclass
+class _Mode:
+    """A mode while `run_modes` times it."""
+
+    label: str
+    dyllm_options: Optional[dict]
+    model: object
+    warmup_s: float
+    out: object  # its last decode
+    steady_s: float = math.inf  # its best timed decode
+
+
 def run_modes(base_model, modes: list[tuple[str, Optional[dict]]], input_ids, gen_kwargs: dict, args,
-              reference=None, progress=None) -> tuple[list[dict], "object"]:
+              reference=None, progress: Callable[[str], None] = lambda label: None) -> tuple[list[dict], "object"]:
     """One result row per mode of `modes` ([(label, dyllm options or None)]), and the reference decode.
 
     Every mode is compiled on a fresh copy of base_model and warmed up by one decode (compilation included); then
@@ -231,41 +246,43 @@ def run_modes(base_model, modes: list[tuple[str, Optional[dict]]], input_ids, ge
     reference: the eager decode, for token agreement and teacher-forced agreement; None where "eager" is one of
     the modes (its warm-up decode is the reference then). progress: called with a short label after each decode."""
     torch._dynamo.reset()
-    live = []  # [label, dyllm options, model, warm-up seconds, best seconds, last output]
-    # one compiled copy per mode, all alive: each is a compiled version of the same `forward`
+    live: list[_Mode] = []
+    # every copy is a compiled version of the same `forward`, all alive at once
     limit = torch._dynamo.config.recompile_limit + len(modes)
     with torch._dynamo.config.patch(recompile_limit=limit):
-        for mode, dyllm_options in modes:
-            model = _compiled(copy.deepcopy(base_model), mode, dyllm_options)
+        for label, dyllm_options in modes:
+            model = _compiled(copy.deepcopy(base_model), label, dyllm_options)
             warmup_s, out = _timed_decode(model, input_ids, gen_kwargs, args)
-            live.append([mode, dyllm_options, model, warmup_s, math.inf, out])
-            if mode == "eager":
+            live.append(_Mode(label, dyllm_options, model, warmup_s, out))
+            if label == "eager":
                 reference = out
-            progress and progress(f"{mode} (warm-up)")
+            progress(f"{label} (warm-up)")
         for _ in range(args.repeats):
-            for entry in live:
-                seconds, entry[5] = _timed_decode(entry[2], input_ids, gen_kwargs, args)
-                entry[4] = min(entry[4], seconds)
-                progress and progress(entry[0])
-        rows = []
-        for mode, dyllm_options, model, warmup_s, steady_s, out in live:
-            row = {"mode": mode, "dyllm_options": dyllm_options, "warmup_s": warmup_s, "steady_s": steady_s,
-                   "compile_s": max(warmup_s - steady_s, 0.0), "forward_calls": out.forward_calls,
-                   "tokens_per_s": out.num_generated_tokens / steady_s,
-                   "ms_per_step": 1000 * steady_s / out.forward_calls,
-                   "token_agreement": (out.generated == reference.generated).double().mean().item(),
-                   "teacher_forced_agreement": None, "extras": {}}
-            if dyllm_options is not None:
-                row["extras"] = _dyllm_extras(model)
-            if mode != "eager":
-                row["teacher_forced_agreement"] = teacher_forced_agreement(
-                    model, reference, mask_id=gen_kwargs["mask_id"], shift_logits=gen_kwargs["shift_logits"],
-                    attention_mask=gen_kwargs["attention_mask"])
-            rows.append(row)
+            for mode in live:
+                seconds, mode.out = _timed_decode(mode.model, input_ids, gen_kwargs, args)
+                mode.steady_s = min(mode.steady_s, seconds)
+                progress(mode.label)
+        rows = [_row(mode, reference, gen_kwargs) for mode in live]
     live.clear()
     torch._dynamo.reset()
     gc.collect()
     return rows, reference
+
+
+def _row(mode: _Mode, reference, gen_kwargs: dict) -> dict:
+    out, steady_s = mode.out, mode.steady_s
+    row = {"mode": mode.label, "dyllm_options": mode.dyllm_options, "warmup_s": mode.warmup_s, "steady_s": steady_s,
+           "compile_s": max(mode.warmup_s - steady_s, 0.0), "forward_calls": out.forward_calls,
+           "tokens_per_s": out.num_generated_tokens / steady_s, "ms_per_step": 1000 * steady_s / out.forward_calls,
+           "token_agreement": (out.generated == reference.generated).double().mean().item(),
+           "teacher_forced_agreement": None, "extras": {}}
+    if mode.dyllm_options is not None:
+        row["extras"] = _dyllm_extras(mode.model)
+    if mode.label != "eager":
+        row["teacher_forced_agreement"] = teacher_forced_agreement(
+            mode.model, reference, mask_id=gen_kwargs["mask_id"], shift_logits=gen_kwargs["shift_logits"],
+            attention_mask=gen_kwargs["attention_mask"])
+    return row
 
 
 def format_table(rows: list[dict]) -> str:

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from dyllm_fx.backend import graphs_of
+from dyllm_fx.kernels import logits_scan
 from dyllm_fx.outputs import borrowed_outputs
 from dyllm_fx.stats import reset
 
@@ -131,6 +132,9 @@ def first_argmax(x: torch.Tensor, chunk: int = 512) -> torch.LongTensor:
 
 def _argmax(logits, mask_id) -> torch.LongTensor:
     """argmax over the vocabulary without the mask token (a model may rank [MASK] first)."""
+    scanned = logits_scan.scan(logits, mask_id, torch.zeros(logits.shape[:-1], dtype=torch.bool))
+    if scanned is not None:  # fp32 on CPU: one C++ pass per row
+        return scanned[0]
     argmax = first_argmax(logits)
     is_mask = argmax == mask_id
     if is_mask.any():
@@ -206,6 +210,32 @@ def _nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Te
     probs, order = torch.softmax(logits / temperature, dim=-1).sort(dim=-1, descending=True)
     outside = (probs.cumsum(-1) - probs) > top_p
     return logits.masked_fill(outside.scatter(-1, order, outside), -math.inf)
+
+
+def _predict(logits, P: int, start: int, end: int, candidates, mask_id: int, shift_logits: bool, temperature: float,
+             top_p: Optional[float], remasking: str):
+    """(noise-free argmax of the generated part [B, G], the block's predictions x0 and their confidence [B, n])."""
+    generated = _predicting(logits, P, logits.shape[1], shift_logits)
+    if temperature == 0 and remasking == "low_confidence":
+        # on CPU one C++ pass per row gives the argmax and the candidates' confidence (None: the torch ops below)
+        scored = torch.zeros(generated.shape[:2], dtype=torch.bool, device=logits.device)
+        scored[:, start - P:end - P] = candidates
+        scanned = logits_scan.scan(generated, mask_id, scored)
+        if scanned is not None:
+            argmax, scores = scanned
+            return argmax, argmax[:, start - P:end - P], scores[:, start - P:end - P]
+    argmax = _argmax(generated, mask_id)
+    block_logits = _predicting(logits, start, end, shift_logits)
+    mask_column = torch.tensor([mask_id], device=logits.device)
+    if temperature > 0:
+        uniform = torch.rand(block_logits.shape, dtype=torch.float64, device=logits.device)
+        noisy = block_logits.to(torch.float64, copy=True).index_fill_(-1, mask_column, -math.inf)
+        if top_p is not None and top_p < 1:
+            noisy = _nucleus(noisy, temperature, top_p)
+        x0 = (noisy - temperature * torch.log(-torch.log(uniform))).argmax(-1)
+    else:
+        x0 = argmax[:, start - P:end - P]
+    return argmax, x0, _confidence(block_logits, x0, candidates, mask_column, remasking)
 
 
 def check_decoding_arguments(gen_length: int, steps: int, block_length: int, *, temperature: float = 0.0,
@@ -290,7 +320,6 @@ def generate(model, input_ids, *, gen_length: int, steps: int, block_length: int
     static = bool(graphs_of(model))  # dyllm-compiled (after its first call): one static graph per length
     x = torch.cat([input_ids, torch.full((B, gen_length), mask_id, dtype=input_ids.dtype, device=device)], dim=1)
     L = x.shape[1]
-    mask_column = torch.tensor([mask_id], device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     records, forward_calls = [], 0
     bar = None
@@ -310,17 +339,8 @@ def generate(model, input_ids, *, gen_length: int, steps: int, block_length: int
                 if forward_calls == 0:
                     _check_in_vocab(mask_id, logits.shape[-1], "the logits' last dimension")
                 forward_calls += 1
-                argmax = _argmax(_predicting(logits, P, L, shift_logits), mask_id)  # the generated part only
-                block_logits = _predicting(logits, start, end, shift_logits)
-                if temperature > 0:
-                    uniform = torch.rand(block_logits.shape, dtype=torch.float64, device=device)
-                    noisy = block_logits.to(torch.float64, copy=True).index_fill_(-1, mask_column, -math.inf)
-                    if top_p is not None and top_p < 1:
-                        noisy = _nucleus(noisy, temperature, top_p)
-                    x0 = (noisy - temperature * torch.log(-torch.log(uniform))).argmax(-1)
-                else:
-                    x0 = argmax[:, start - P:end - P]
-                confidence = _confidence(block_logits, x0, candidates, mask_column, remasking)
+                argmax, x0, confidence = _predict(logits, P, start, end, candidates, mask_id, shift_logits,
+                                                  temperature, top_p, remasking)
                 num_tokens = schedule[step] if confidence_threshold is None else 1
                 select = _select(confidence, candidates, num_tokens, confidence_threshold)
                 committed = torch.zeros_like(x, dtype=torch.bool)
