@@ -24,6 +24,9 @@ SAME_SHAPE_ARGS = ELEMENTWISE | IDENTITY_DROPOUT | {
     "chunk", "split", "layer_norm", "rms_norm", "softmax", "log_softmax", "linear",
 }
 SIZE_ARGS = {"view", "reshape", "expand"}
+# reductions whose dims and keepdim do not change on compact rows, where the analysis finds them row-wise (they
+# reduce other axes: a norm's mean over the hidden axis)
+ROW_REDUCE = {"mean", "sum", "amax", "amin", "var", "std", "norm", "logsumexp", "prod"}
 SHAPE_OF_ANOTHER = {"view_as", "reshape_as", "expand_as"}  # the other tensor is full-size: refused
 
 
@@ -33,15 +36,86 @@ class CompactOps:
         # a linear on compact rows: oneDNN on a prepacked weight, or MKL padded to exactness (`rows_linear`)
         self.linear = packed_linear if packed else rows_linear
         self.taken: dict[tuple, fx.Node] = {}  # (full tensor, index, batch axis, token axis) -> its compact rows
+        self.original = set(graph.nodes)  # the nodes the analysis saw (the rewrite adds others)
+        self.partial: dict = {}  # the rewrite's compact nodes (`SaliencyRewrite.partial`): never in a chain
 
-    def take(self, x: fx.Node, axes: RowAxes, index: fx.Node, before: fx.Node) -> fx.Node:
+    def take(self, x: fx.Node, axes: RowAxes, index: fx.Node, before: fx.Node, count: Optional[fx.Node] = None,
+             readers: Optional[set] = None) -> fx.Node:
         """The compact rows of the full tensor `x` (axes `axes`), computed just before `before` the first time
-        they are asked for: linears reading the same rows read one gather (and `packed_linear` can group them)."""
+        they are asked for: linears reading the same rows read one gather (and `packed_linear` can group them).
+        With `count` (the index's length) and `readers` (every user of `x`, all reading these rows), the gather
+        moves up through the row-wise ops computing `x` (`_sink`): a norm then runs on the rows alone instead of
+        every row."""
         key = (x, index, axes.batch, axes.token)
         if key not in self.taken:
-            with self.graph.inserting_before(before):
-                self.taken[key] = self.graph.call_function(take_rows, key)
+            sunk = self._sink(x, index, count, before) if count is not None and set(x.users) == readers else None
+            if sunk is None:
+                with self.graph.inserting_before(before):
+                    sunk = self.graph.call_function(take_rows, key)
+            self.taken[key] = sunk
         return self.taken[key]
+
+    def _chain(self, x: fx.Node) -> Optional[list]:
+        """The row-wise nodes computing `x` from full tensors that other nodes read too (the leaves), each read
+        only by nodes of the chain (`x` by the caller's readers), in graph order; None where `x` is not one."""
+        def rowwise(n):
+            return n in self.analysis.rowwise and n in self.original and n not in self.partial and not _in_place(n)
+
+        if not rowwise(x):
+            return None
+        chain, todo = {x}, [x]
+        while todo:
+            for a in todo.pop().all_input_nodes:
+                if a not in chain and rowwise(a) and set(a.users) <= chain:  # else a leaf (or a constant)
+                    chain.add(a)
+                    todo.append(a)
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        return sorted(chain, key=order.__getitem__)
+
+    def _sink(self, x: fx.Node, index: fx.Node, count: fx.Node, before: fx.Node) -> Optional[fx.Node]:
+        """`x`'s row-wise chain (`_chain`) copied just before `before` to run on the rows `index` alone: its leaves
+        gathered, its ops rewritten for compact tensors (`rewrite`). None, with the graph unchanged, where some op
+        of the chain cannot run on compact rows or a leaf has no known rows. The full chain is left to dead-code
+        elimination once `x`'s readers read the copy."""
+        chain = self._chain(x)
+        if chain is None:
+            return None
+        copies: dict[fx.Node, fx.Node] = {}
+        taken: list[tuple] = []  # keys of the gathers made here
+        for node in chain:
+            outside = [a for a in node.all_input_nodes if a not in copies]
+            # leaves: full tensors with known rows (the analysis's, or caches the rewrite made); the others must be
+            # the analysis's constants (weights): a node the rewrite made whose rows are unknown stops the sink
+            leaves = [a for a in outside if a in self.analysis.varying or a not in self.original]
+            if any(self.analysis.axes.get(a) is None or self.analysis.axes[a].expand != 1 or a in self.partial
+                   for a in leaves):
+                break
+            with self.graph.inserting_before(before):
+                copy = self.graph.node_copy(node, lambda a: copies.get(a, a))
+            self.analysis.axes[copy] = self.analysis.axes[node]
+            self.analysis.rowwise.add(copy)
+            gathered = set()
+            for a in leaves:
+                key = (a, index, self.analysis.axes[a].batch, self.analysis.axes[a].token)
+                if key not in self.taken:
+                    with self.graph.inserting_before(copy):
+                        self.taken[key] = self.graph.call_function(take_rows, key)
+                    # a tensor for AOTAutograd's cache, which checks that a method's receiver is one (like the
+                    # rewritten nodes, it keeps the full tensor's meta)
+                    self.taken[key].meta["example_value"] = tensor_meta(a)
+                    taken.append(key)
+                copy.replace_input_with(a, self.taken[key])
+                gathered.add(self.taken[key])
+            copies[node] = copy
+            if not self.rewrite(copy, gathered | set(copies.values()), index, count):
+                break
+        else:
+            return copies[x]
+        for copy in reversed(list(copies.values())):  # refused: undo
+            self.graph.erase_node(copy)
+        for key in reversed(taken):
+            self.graph.erase_node(self.taken.pop(key))
+        return None
 
     def set_linear(self, node: fx.Node, x: fx.Node, w: fx.Node, b) -> None:
         """Makes `node` the compact path's linear of `x` (compact) by `w`, `b`."""
@@ -55,7 +129,8 @@ class CompactOps:
         out = self.analysis.axes.get(node)
         if out is None or out.expand != 1 or name in SHAPE_OF_ANOTHER:
             return False
-        if name not in SAME_SHAPE_ARGS and name not in SIZE_ARGS:
+        if name not in SAME_SHAPE_ARGS and name not in SIZE_ARGS and not (
+                name in ROW_REDUCE and node in self.analysis.rowwise):
             return False
         if name == "squeeze" or (name == "getitem" and any(isinstance(a, fx.Node) for a in _flat(node.args[1]))):
             return False
@@ -122,6 +197,11 @@ class CompactOps:
         if out.batch >= 0 and out.batch != out.token:
             sizes[out.batch] = -1 if expand else 1
         return sizes
+
+
+def _in_place(node: fx.Node) -> bool:
+    name = op_name(node)
+    return name.endswith("_") or name in ("iadd", "imul", "isub", "itruediv")
 
 
 def _rank(node: fx.Node) -> Optional[int]:

@@ -73,6 +73,8 @@ class SaliencyRewrite:
                               if tensor_meta(n) is not None and hasattr(tensor_meta(n), "fake_mode"))
         self._last_placeholder = list(self.graph.find_nodes(op="placeholder"))[-1]
         self.compact = CompactOps(self.graph, analysis, packed) if compact else None
+        if self.compact:
+            self.compact.partial = self.partial
         self.index: dict[int, tuple[fx.Node, fx.Node]] = {}  # region -> (row index, its length)
         # plain functions that write caches in place (`put_rows`, the attention step): DCE must keep them
         self.writes: set[fx.Node] = set()
@@ -95,6 +97,7 @@ class SaliencyRewrite:
             ex, axes, region = tensor_meta(node), self.analysis.axes[node], self.partial[node]
             order = compact_rows.rows_first_order(ex.dim(), axes.batch, axes.token) if self.compact else None
             cache = self._input(f"cache_{node.name}", tuple(ex.shape), ex.dtype, "cache", ex.device, order)
+            self.analysis.axes[cache] = axes  # a full tensor with the node's rows (`CompactOps` may gather it)
             with self.graph.inserting_after(node):
                 if self.compact:
                     write = self.graph.call_function(compact_rows.put_rows,
@@ -172,7 +175,9 @@ class SaliencyRewrite:
             x = self._cache_point(x)
         if self.compact:
             if x not in self.partial:
-                x = self.compact.take(x, axes, self._index(region, node)[0], node)
+                index, count = self._index(region, node)
+                readers = {u for u in x.users if self.gated.get(u) == region}  # the region's linears reading x
+                x = self.compact.take(x, axes, index, node, count, readers)
             self.compact.set_linear(node, x, w, b)
         else:
             node.target = ops.sparse_rows_linear.default

@@ -108,6 +108,26 @@ def test_compact_regions_run_their_pointwise_ops_on_the_rows_alone():
 
 
 
+def test_a_norm_before_a_gated_linear_runs_on_the_region_rows_alone():
+    """The gather of a gated linear's input moves up through the norm computing it (`CompactOps._sink`): every
+    RMSNorm's mean reduces gathered rows, not every row, and tau = 1.0 still reproduces the model."""
+    torch._dynamo.reset()
+    model = llada_like(hidden_size=16, num_layers=2, num_heads=2, head_dim=8, vocab_size=53)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=1.0, policy="full", lowering="eager"), dynamic=False)
+    x = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x).logits, model(x).logits, rtol=0, atol=1e-5)
+    (graph,) = graphs_of(model)
+    means = [n for n in graph.rewritten.graph.nodes if n.op == "call_method" and n.target == "mean"]
+
+    def gathered(node):
+        while node.target is not take_rows and node.all_input_nodes:
+            node = node.all_input_nodes[0]
+        return node.target is take_rows
+
+    assert len(means) == 2 * 2 + 1 and all(gathered(n) for n in means)
+
+
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
 def test_exact_attention_step_matches_the_delta_attention_op(mask_kind):
     """The in-graph form (compact path) and the custom op (one-SDPA path) agree on outputs, saliency, the context
