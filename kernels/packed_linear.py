@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import panel_gemm
+from .compact_rows import put_rows
+from .row_layout import row_axes, rows_view
 
 # id(first weight) -> the group's entry (`_new_entry`: weakrefs to its weights and biases, their versions, the packed
 # copies, its sizes); a plain dict (a weak-keyed one cost more per lookup than a sparse step's GEMM on a few rows),
@@ -93,28 +95,39 @@ def _plain(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tenso
 torch.library.define("dyllm::packed_linear", "(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor")
 
 
-def packed_linear_cpu(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]]) -> Tensor:
+def packed_linear_cpu(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]],
+                      out: Optional[Tensor] = None) -> Tensor:
     """The op on CPU (also called directly by Inductor's wrapper, `direct_calls.py`). Lean on purpose: in a sparse
     step every microsecond of Python here is paid ~120 times, and several times over (the GEMMs between the calls
-    evict the interpreter's data from the caches)."""
+    evict the interpreter's data from the caches). `out` (`packed_linear_put_`): a 2-D fp32 tensor with contiguous
+    rows, one per row of `x`, that receives the result (and is returned)."""
     entry = _PACKED.get(id(weights[0]))
     if entry is None or x.dtype != torch.float32 or not _current(entry, weights, biases):
         if x.dtype != torch.float32 or any(w.dtype != torch.float32 for w in weights) or \
                 not (panel_gemm.available() or _ONEDNN):
-            return _plain(x, weights, biases)
+            return _into(out, _plain(x, weights, biases))
         entry = _new_entry(weights, biases)
     _, _, packed, bias, n, k, bias_ptr = entry
     flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if flat.shape[1] != k:  # bounds the kernel's reads
         raise ValueError(f"packed_linear: the input has {flat.shape[1]} features, the weights {k}")
     kernel = panel_gemm.kernel()
+    if kernel is not None and flat.shape[0]:
+        y = panel_gemm.call(kernel, flat if flat.stride(1) == 1 else flat.contiguous(), packed, bias_ptr, n, out=out)
+        return y if out is not None else _shaped(y, x, n)
     if flat.shape[0] == 0:
         y = flat.new_empty(0, n)
-    elif kernel is not None:
-        y = panel_gemm.call(kernel, flat if flat.stride(1) == 1 else flat.contiguous(), packed, bias_ptr, n)
     else:
         y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), packed, bias, "none", [], "")
+    return _into(out, _shaped(y, x, n))
+
+
+def _shaped(y: Tensor, x: Tensor, n: int) -> Tensor:
     return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+
+
+def _into(out: Optional[Tensor], y: Tensor) -> Tensor:
+    return y if out is None else out.copy_(y.reshape(out.shape))
 
 
 torch.library.impl("dyllm::packed_linear", "CPU")(packed_linear_cpu)
@@ -136,3 +149,30 @@ def _(x, weights, biases):
 
 
 packed_linear = torch.ops.dyllm.packed_linear.default
+
+torch.library.define(
+    "dyllm::packed_linear_put_",
+    "(Tensor(a!) cache, Tensor index, Tensor x, Tensor[] weights, Tensor?[] biases, int batch_axis, "
+    "int token_axis) -> ()")
+
+
+@torch.library.impl("dyllm::packed_linear_put_", "CompositeExplicitAutograd")
+def packed_linear_put_(cache: Tensor, index: Tensor, x: Tensor, weights: list[Tensor],
+                       biases: list[Optional[Tensor]], batch_axis: int, token_axis: int) -> None:
+    """`put_rows(cache, index, packed_linear(x, weights, biases), batch_axis, token_axis)` as one call, for a graph
+    output's cache (`passes/saliency_rewrite.py`). Where `index` names every row (a dense step: the index ascends
+    without repeats) and the cache's rows are one matrix with contiguous rows, the GEMM writes into the cache
+    directly: no temporary of every row's output (the default model's logits, 50 MB, a fresh allocation then a
+    copy)."""
+    rows = rows_view(cache, batch_axis, token_axis)
+    flat = rows.view(-1, *rows.shape[len(row_axes(batch_axis, token_axis)):])
+    if x.is_cpu and index.numel() == flat.shape[0] and flat.dim() == 2 and flat.stride(1) == 1 and \
+            flat.dtype == torch.float32:
+        packed_linear_cpu(x.reshape(flat.shape[0], x.shape[-1]), weights, biases, out=flat)
+        return
+    put_rows(cache, index, packed_linear_any(x, weights, biases), batch_axis, token_axis)
+
+
+@torch.library.register_fake("dyllm::packed_linear_put_")
+def _(cache, index, x, weights, biases, batch_axis, token_axis):
+    return None

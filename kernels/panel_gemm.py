@@ -255,14 +255,16 @@ def linear(x: Tensor, packed: Tensor, bias: Optional[Tensor], n: int, row_block:
     return call(built, x, packed, 0 if bias is None else bias.data_ptr(), n, row_block)
 
 
-def call(built, x: Tensor, packed: Tensor, bias_ptr: int, n: int, row_block: int = ROW_BLOCK) -> Tensor:
+def call(built, x: Tensor, packed: Tensor, bias_ptr: int, n: int, row_block: int = ROW_BLOCK,
+         out: Optional[Tensor] = None) -> Tensor:
     """`linear` without its checks, for `packed_linear`, which made `packed` and the bias (at `bias_ptr`, 0 for
     none) itself and checked `x`'s width against the weight's: `built` is `kernel()`, `x` fp32 on the CPU with
-    contiguous rows."""
+    contiguous rows. `out`: an fp32 `[M, n]` with contiguous rows to write into (any row stride), else a new one."""
     m = x.shape[0]
-    out = x.new_empty(m, n)
+    if out is None:
+        out = x.new_empty(m, n)
     if m and n:
-        args = (x, packed, bias_ptr, out.data_ptr(), m, n, x.shape[1], x.stride(0), n, row_block)
+        args = (x, packed, bias_ptr, out.data_ptr(), m, n, x.shape[1], x.stride(0), out.stride(0), row_block)
         # a named event for benchmarks/profile_step.py, only while profiling (record_function is an op call itself)
         if _profiler._is_profiler_enabled:
             with torch.profiler.record_function("dyllm::panel_gemm"):

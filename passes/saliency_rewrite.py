@@ -92,14 +92,21 @@ class SaliencyRewrite:
         self.result.buffers.append(BufferSpec(node.name, tuple(shape), dtype, role, order))
         return node
 
-    def _cache_point(self, node: fx.Node) -> fx.Node:
+    def _cache_point(self, node: fx.Node, consumer: Optional[fx.Node] = None) -> fx.Node:
         if node not in self.cache_of:
             ex, axes, region = tensor_meta(node), self.analysis.axes[node], self.partial[node]
             order = compact_rows.rows_first_order(ex.dim(), axes.batch, axes.token) if self.compact else None
             cache = self._input(f"cache_{node.name}", tuple(ex.shape), ex.dtype, "cache", ex.device, order)
             self.analysis.axes[cache] = axes  # a full tensor with the node's rows (`CompactOps` may gather it)
             with self.graph.inserting_after(node):
-                if self.compact:
+                if self.compact and node.target is ops.packed_linear.default and consumer is not None and \
+                        consumer.op == "output" and set(node.users) == {consumer}:
+                    # a gated linear's output that the graph returns (the logits): the GEMM writes the cache's rows,
+                    # and at a dense step the cache itself (no temporary); the linear node is left to DCE
+                    write = self.graph.call_function(ops.packed_linear_put_.default, (
+                        cache, self.index[region][0], *node.args, axes.batch, axes.token))
+                    self.writes.add(write)
+                elif self.compact:
                     write = self.graph.call_function(compact_rows.put_rows,
                                                      (cache, self.index[region][0], node, axes.batch, axes.token))
                     self.writes.add(write)
@@ -130,7 +137,7 @@ class SaliencyRewrite:
         return row
 
     def _use_cache(self, consumer: fx.Node, node: fx.Node) -> None:
-        consumer.replace_input_with(node, self._cache_point(node))
+        consumer.replace_input_with(node, self._cache_point(node, consumer))
 
     # -- the walk --------------------------------------------------------------------------------
     def run(self) -> RewriteResult:

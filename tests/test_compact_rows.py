@@ -96,7 +96,9 @@ def test_compact_regions_run_their_pointwise_ops_on_the_rows_alone():
     assert ops.delta_attention.default not in targets and targets.count(ops.attention_step.default) == 2
     linear = ops.packed_linear.default  # below tau = 1 (tests/test_packed_linear.py)
     gated = [n for n in nodes if n.target is linear]
-    assert sum(len(n.args[1]) for n in gated) == sum(l.region is not None for l in graph.linears) > 0
+    puts = [n for n in nodes if n.target is ops.packed_linear_put_.default]  # the LM head writes the logits' cache
+    assert sum(len(n.args[1]) for n in gated) + sum(len(n.args[3]) for n in puts) == \
+        sum(l.region is not None for l in graph.linears) > 0
     # SwiGLU: silu(gate) * up reads compact linears (gate and up one grouped call), and the down projection
     # reads the product directly
     of_linear = lambda n: n.target is torch.ops.aten.narrow.default and n.args[0].target is linear

@@ -156,7 +156,11 @@ def test_gated_linears_use_packed_weights_below_tau_one(tau, packed_weights, exp
         compiled(torch.randint(0, 50, (2, 9)))
     (graph,) = graphs_of(model)
     calls = [n for n in graph.rewritten.graph.nodes if n.target is expected]
-    linears = sum(len(n.args[1]) for n in calls) if expected is ops.packed_linear.default else len(calls)
+    if expected is ops.packed_linear.default:  # the returned logits' linear writes its cache (packed_linear_put_)
+        puts = [n for n in graph.rewritten.graph.nodes if n.target is ops.packed_linear_put_.default]
+        linears = sum(len(n.args[1]) for n in calls) + sum(len(n.args[3]) for n in puts)
+    else:
+        linears = len(calls)
     other = rows_linear if expected is ops.packed_linear.default else ops.packed_linear.default
     assert linears == sum(l.region is not None for l in graph.linears) > 0
     assert other not in [n.target for n in graph.rewritten.graph.nodes]
@@ -182,8 +186,9 @@ def test_linears_reading_the_same_rows_are_one_call():
         compiled(torch.randint(0, 50, (2, 9)))
     (graph,) = graphs_of(model)
     widths = sorted(len(n.args[1]) for n in graph.rewritten.graph.nodes if n.target is ops.packed_linear.default)
-    # per layer: Q/K/V one call, the output projection, gate/up one call, down; then the LM head
-    assert widths == [1] * 5 + [2] * 2 + [3] * 2
+    # per layer: Q/K/V one call, the output projection, gate/up one call, down; the LM head writes its cache
+    # (`packed_linear_put_`, test below)
+    assert widths == [1] * 4 + [2] * 2 + [3] * 2
     assert graph.report.grouped_linears == 10 and "grouped linears: 10" in str(graph.report)
 
 
@@ -212,3 +217,44 @@ def test_explain_reports_the_packed_copies():
     gated = packed.gated
     assert packed.packed_bytes == 4 * sum(int(l.node.args[1].meta["example_value"].numel()) for l in gated) > 0
     assert "packed weights:" in str(packed) and exact.packed_bytes == 0 and "packed weights" not in str(exact)
+
+
+@pytest.mark.parametrize("rows", ["all", "some", "none"])
+@pytest.mark.parametrize("shape, batch_axis, token_axis", [((2, 5, 7), 0, 1), ((1, 5, 7), -1, 1)])
+def test_packed_linear_put_writes_what_put_rows_of_packed_linear_writes(rows, shape, batch_axis, token_axis):
+    """At every row (a dense step) the GEMM writes into the cache itself; otherwise the rows go through a
+    temporary. Either way the cache ends as `put_rows(cache, index, packed_linear(x))` leaves it."""
+    from dyllm_fx.kernels.compact_rows import put_rows, select_rows
+
+    g = torch.Generator().manual_seed(0)
+    mask = {"all": torch.ones(2 if batch_axis == 0 else 1, 5, dtype=torch.bool), "none": torch.zeros(
+        2 if batch_axis == 0 else 1, 5, dtype=torch.bool)}.get(rows, torch.rand(2 if batch_axis == 0 else 1, 5,
+                                                                                generator=g) < 0.5)
+    index = select_rows(mask)
+    x = torch.randn(1, len(index), 6, generator=g)
+    weights, biases = [torch.randn(3, 6, generator=g), torch.randn(4, 6, generator=g)], [torch.randn(3), None]
+    cache = torch.randn(shape, generator=g)
+    expected = cache.clone()
+    put_rows(expected, index, packed.packed_linear(x, weights, biases), batch_axis, token_axis)
+    ops.packed_linear_put_(cache, index, x, weights, biases, batch_axis, token_axis)
+    assert torch.equal(cache, expected)
+
+
+def test_opcheck_packed_linear_put():
+    from dyllm_fx.kernels.compact_rows import select_rows
+
+    index = select_rows(torch.tensor([[True, False, True]]))
+    args = (torch.zeros(1, 3, 4), index, torch.randn(1, 2, 5), [torch.randn(4, 5)], [torch.randn(4)], -1, 1)
+    torch.library.opcheck(ops.packed_linear_put_.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_the_logits_a_graph_returns_are_written_by_the_gemm_itself():
+    torch._dynamo.reset()
+    model = llada_like(hidden_size=16, num_layers=2, num_heads=2, head_dim=8, vocab_size=53)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, policy="full", lowering="eager"), dynamic=False)
+    with torch.no_grad():
+        compiled(torch.randint(0, 50, (2, 9)))
+    (graph,) = graphs_of(model)
+    writes = [n for n in graph.rewritten.graph.nodes if n.target is ops.packed_linear_put_.default]
+    output = next(n for n in graph.rewritten.graph.nodes if n.op == "output")
+    assert len(writes) == 1 and writes[0].args[0] in output.all_input_nodes
