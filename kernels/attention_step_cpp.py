@@ -92,7 +92,7 @@ static inline void sums8(const Vec* acc, float* s, int64_t m) {
 }
 
 // s[j] = q . rows[j] for j < n, 8 rows at a time: each chunk of q is loaded once for the 8 rows, 8 independent FMA
-// chains, and one horizontal pass for the 8 sums (`dot` per row loads q per row and reduces per row)
+// chains, and one horizontal pass for the 8 sums
 static inline void dots(const float* q, const float* const* rows, int64_t n, float* s) {
     for (int64_t j0 = 0; j0 < n; j0 += 8) {
         const int64_t m = std::min<int64_t>(8, n - j0);
@@ -113,7 +113,7 @@ static inline void dots(const float* q, const float* const* rows, int64_t n, flo
 static inline void scores(const float* q, const Keys& a, float* s, const Keys* b = nullptr,
                           float* t = nullptr) {
     const int64_t W = a.W;
-    if (a.kt.empty()) {  // keys not transposed (`exact`; `incremental_few` calls `dot` itself)
+    if (a.kt.empty()) {  // keys not transposed (`exact`; `incremental_few` calls `dots` itself)
         dots(q, a.keys.data(), a.keys.size(), s);
         return;
     }

@@ -96,11 +96,15 @@ def rows_first_order(ndim: int, batch_axis: int, token_axis: int) -> tuple:
     return rows + tuple(d for d in range(ndim) if d not in rows)
 
 
+def flat_rows_view(cache: Tensor, batch_axis: int, token_axis: int) -> Tensor:
+    """`cache` (rows outermost in memory, `rows_first_order`) as a view with one leading axis of its rows."""
+    rows_first = rows_view(cache, batch_axis, token_axis)
+    return rows_first.view(-1, *rows_first.shape[len(row_axes(batch_axis, token_axis)):])
+
+
 def put_rows(cache: Tensor, index: Tensor, values: Tensor, batch_axis: int, token_axis: int) -> None:
     """Writes the compact `values` into the rows `index` of `cache`, in place. The cache's rows are outermost
     in memory (`rows_first_order`): one `index_copy_`, which Inductor compiles into the graph."""
-    n_rows = len(row_axes(batch_axis, token_axis))
-    rows_first = rows_view(cache, batch_axis, token_axis)
-    flat = rows_first.view(-1, *rows_first.shape[n_rows:])
-    new = rows_view(values, batch_axis, token_axis).reshape(-1, *rows_first.shape[n_rows:])
+    flat = flat_rows_view(cache, batch_axis, token_axis)
+    new = rows_view(values, batch_axis, token_axis).reshape(-1, *flat.shape[1:])
     flat.index_copy_(0, index, new.to(flat.dtype))

@@ -50,7 +50,7 @@ struct Best {
             float v[V], c[V];
             value.store(v);
             column.store(c);
-            if (std::isnan(row[j])) seen_nan = seen_nan | (Vec(row[j]) != Vec(row[j]));
+            seen_nan = seen_nan | (Vec(row[j]) != Vec(row[j]));
             if (row[j] > v[0]) {
                 v[0] = row[j];
                 c[0] = float(j);

@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import panel_gemm
-from .compact_rows import put_rows
-from .row_layout import row_axes, rows_view
+from .compact_rows import flat_rows_view, put_rows
 
 # id(first weight) -> the group's entry (`_new_entry`: weakrefs to its weights and biases, their versions, the packed
 # copies, its sizes); a plain dict (a weak-keyed one cost more per lookup than a sparse step's GEMM on a few rows),
@@ -115,18 +114,15 @@ def packed_linear_cpu(x: Tensor, weights: list[Tensor], biases: list[Optional[Te
     if flat.shape[1] != k:  # bounds the kernel's reads
         raise ValueError(f"packed_linear: the input has {flat.shape[1]} features, the weights {k}")
     kernel = panel_gemm.kernel()
-    if kernel is not None and flat.shape[0]:
-        y = panel_gemm.call(kernel, flat if flat.stride(1) == 1 else flat.contiguous(), packed, bias_ptr, n, out=out)
-        return y if out is not None else _shaped(y, x, n)
     if flat.shape[0] == 0:
         y = flat.new_empty(0, n)
+    elif kernel is not None:
+        y = panel_gemm.call(kernel, flat if flat.stride(1) == 1 else flat.contiguous(), packed, bias_ptr, n, out=out)
+        if out is not None:
+            return y
     else:
         y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), packed, bias, "none", [], "")
-    return _into(out, _shaped(y, x, n))
-
-
-def _shaped(y: Tensor, x: Tensor, n: int) -> Tensor:
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
+    return _into(out, y if x.dim() == 2 else y.view(*x.shape[:-1], n))
 
 
 def _into(out: Optional[Tensor], y: Tensor) -> Tensor:
@@ -167,8 +163,7 @@ def packed_linear_put_(cache: Tensor, index: Tensor, x: Tensor, weights: list[Te
     without repeats) and the cache's rows are one matrix with contiguous rows, the GEMM writes into the cache
     directly: no temporary of every row's output (the default model's logits, 50 MB, a fresh allocation then a
     copy)."""
-    rows = rows_view(cache, batch_axis, token_axis)
-    flat = rows.view(-1, *rows.shape[len(row_axes(batch_axis, token_axis)):])
+    flat = flat_rows_view(cache, batch_axis, token_axis)
     if x.is_cpu and index.numel() == flat.shape[0] and flat.dim() == 2 and flat.stride(1) == 1 and \
             flat.dtype == torch.float32:
         packed_linear_cpu(x.reshape(flat.shape[0], x.shape[-1]), weights, biases, out=flat)

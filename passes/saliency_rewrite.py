@@ -99,16 +99,17 @@ class SaliencyRewrite:
             cache = self._input(f"cache_{node.name}", tuple(ex.shape), ex.dtype, "cache", ex.device, order)
             self.analysis.axes[cache] = axes  # a full tensor with the node's rows (`CompactOps` may gather it)
             with self.graph.inserting_after(node):
-                if self.compact and node.target is ops.packed_linear.default and consumer is not None and \
-                        consumer.op == "output" and set(node.users) == {consumer}:
-                    # a gated linear's output that the graph returns (the logits): the GEMM writes the cache's rows,
-                    # and at a dense step the cache itself (no temporary); the linear node is left to DCE
-                    write = self.graph.call_function(ops.packed_linear_put_.default, (
-                        cache, self.index[region][0], *node.args, axes.batch, axes.token))
-                    self.writes.add(write)
-                elif self.compact:
-                    write = self.graph.call_function(compact_rows.put_rows,
-                                                     (cache, self.index[region][0], node, axes.batch, axes.token))
+                if self.compact:
+                    index = self.index[region][0]
+                    if node.target is ops.packed_linear.default and consumer is not None and \
+                            consumer.op == "output" and set(node.users) == {consumer}:
+                        # a gated linear's output that the graph returns (the logits): the GEMM writes the cache's
+                        # rows, and at a dense step the cache itself (no temporary); the linear node is left to DCE
+                        write = self.graph.call_function(ops.packed_linear_put_.default, (
+                            cache, index, *node.args, axes.batch, axes.token))
+                    else:
+                        write = self.graph.call_function(compact_rows.put_rows,
+                                                         (cache, index, node, axes.batch, axes.token))
                     self.writes.add(write)
                 else:
                     self.graph.call_function(ops.row_update_.default,
