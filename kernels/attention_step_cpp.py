@@ -8,7 +8,10 @@ fp32; the saliency test; the context, lse and previous-K/V caches written in pla
 Why C++: on a sparse step the attention's arithmetic is tiny (a few changed columns per row), and as torch ops it
 is dozens of small calls per layer whose fixed costs dominate; one SDPA over every row (the exact form) costs
 about 1 ms a layer on the default model. This kernel does the whole step in one pass over the rows: a thread takes
-a row `(b, l)` and all its heads, so the saliency test (over all heads) needs no second pass.
+a row `(b, l)` and all its heads, so the saliency test (over all heads) needs no second pass. A row's new context
+is made in the thread's scratch (L1), tested, and copied into the context cache; into the output too, unless
+`rows_only` and the row is not salient (at the default model's 3 % salient rows that skips writing most of a
+590 KB output per layer).
 
 It takes fp32 CPU operands with a contiguous last axis (`supported`); the mask is made additive fp32.
 A dense step is one call of the CPU flash-attention kernel over every row (`_dense_step`, which also gives the
@@ -200,11 +203,11 @@ static inline void weighted_rows(float* c, const float* c0, float c0_scale, int6
 
 // Per-thread scratch of the row loops
 struct Scratch {
-    std::vector<float> s, t, w, m, heads;
+    std::vector<float> s, t, w, m, heads, row;
     std::vector<const float*> rows;
     Scratch(int64_t L, int64_t H)
         : s(std::max(padded(L), padded(H * FEW_KEYS))), t(s.size()), w(2 * padded(L)), m(s.size()),
-          heads(4 * padded(H)), rows(2 * padded(L)) {}
+          heads(4 * padded(H)), row(H * D), rows(2 * padded(L)) {}
 };
 
 static inline void exp_minus(float* s, const float* m, int64_t n) {  // s = exp(s - m) over n entries, in place
@@ -238,15 +241,15 @@ struct Step {
         for (; i < W; ++i) s[i] = -INF;
     }
 
-    // Row (b, l) over every key (`keys`: its sequence's, per KV head): context into out, lse. A head that attends
-    // to no key gets context 0 and lse 0 (as the CPU flash kernel of the dense step).
+    // Row (b, l) over every key (`keys`: its sequence's, per KV head): context into x.row ([H][D]), lse. A head
+    // that attends to no key gets context 0 and lse 0 (as the CPU flash kernel of the dense step).
     void exact(int64_t b, int64_t l, const Keys* keys, Scratch& x) const {
         for (int64_t h = 0; h < H; ++h) {
             const Keys& kk = keys[h / g];
             scores(q.at(b, h, l), kk, x.s.data());
             finish_scores(x.s.data(), L, kk.W, bias_row(b, h, l), nullptr);
             const float mx = reduce_max(x.s.data(), kk.W);
-            float* c = out.at(b, h, l);
+            float* c = x.row.data() + h * D;
             if (mx == -INF) {
                 std::fill(c, c + D, 0.f);
                 lse_at(b, h, l) = 0.f;
@@ -259,8 +262,8 @@ struct Step {
         }
     }
 
-    // Head h of row (b, l): out = (base * ctx - sum_i eo_i vp_i + sum_i en_i v_i) / den, one weighted sum over the
-    // 2n value rows (eo, en: the old and new columns' exp(score - max); ko, kn: their previous and current K/V)
+    // Head h of row (b, l): x.row[h] = (base * ctx - sum_i eo_i vp_i + sum_i en_i v_i) / den, one weighted sum over
+    // the 2n value rows (eo, en: the old and new columns' exp(score - max); ko, kn: their previous and current K/V)
     void update(int64_t b, int64_t h, int64_t l, int64_t n, const float* eo, const float* en, float base, float den,
                 const Keys& ko, const Keys& kn, Scratch& x) const {
         for (int64_t i = 0; i < n; ++i) {
@@ -269,7 +272,7 @@ struct Step {
             x.rows[i] = ko.values[i];
             x.rows[n + i] = kn.values[i];
         }
-        weighted_rows(out.at(b, h, l), ctx.at(b, h, l), base / den, 2 * n, x.w.data(), x.rows.data());
+        weighted_rows(x.row.data() + h * D, ctx.at(b, h, l), base / den, 2 * n, x.w.data(), x.rows.data());
     }
 
     // `incremental` for up to FEW_KEYS changed columns: every head's scores as dot products, then the softmax
@@ -327,7 +330,7 @@ struct Step {
     }
 
     // Row (b, l) updated over the changed columns `cols` (`old_keys`, `new_keys`: their previous and current K/V,
-    // per KV head) from its cached (context, lse): context into out, lse. False where a head's update would
+    // per KV head) from its cached (context, lse): context into x.row, lse. False where a head's update would
     // cancel (the changed columns held more than 1 - floor of its softmax mass): the row is then recomputed.
     bool incremental(int64_t b, int64_t l, const std::vector<int64_t>& cols, const Keys* old_keys,
                      const Keys* new_keys, Scratch& x) const {
@@ -355,11 +358,11 @@ struct Step {
         return true;
     }
 
-    // The saliency test of row (b, l) (its new context in out against ctx), then ctx takes the new context.
-    bool commit(int64_t b, int64_t l) const {
+    // The saliency test of row (b, l) (its new context `row`, [H][D], against ctx), then ctx takes the new context.
+    bool commit(int64_t b, int64_t l, const float* row) const {
         Vec dt(0.f), nn(0.f), oo(0.f), differs(0.f);
         for (int64_t h = 0; h < H; ++h) {
-            const float* now = out.at(b, h, l);
+            const float* now = row + h * D;
             float* before = ctx.at(b, h, l);
             for (int64_t d = 0; d < D; d += V) {
                 const int64_t cnt = std::min<int64_t>(V, D - d);
@@ -375,8 +378,10 @@ struct Step {
         return reduce_sum(dt) < tau * std::max(std::sqrt(reduce_sum(nn) * reduce_sum(oo)), 1e-30f);
     }
 
-    void keep(int64_t b, int64_t l) const {
-        for (int64_t h = 0; h < H; ++h) std::memcpy(out.at(b, h, l), ctx.at(b, h, l), D * sizeof(float));
+    // out's row (b, l) from the context cache (`from` null) or from `from` ([H][D])
+    void emit(int64_t b, int64_t l, const float* from = nullptr) const {
+        for (int64_t h = 0; h < H; ++h)
+            std::memcpy(out.at(b, h, l), from ? from + h * D : ctx.at(b, h, l), D * sizeof(float));
     }
 };
 
@@ -391,7 +396,8 @@ extern "C" void kernel(
         float* lse, int64_t lse_sb, int64_t lse_sh, int64_t lse_sl,
         uintptr_t bias, int64_t bias_sb, int64_t bias_sh, int64_t bias_sl,
         const bool* kv_rows, const bool* query, const bool* always, bool* salient, int64_t* stats,
-        int64_t B, int64_t H, int64_t Hk, int64_t L, float scale, float tau, float floor) {
+        int64_t B, int64_t H, int64_t Hk, int64_t L, float scale, float tau, float floor,
+        int64_t rows_only) {  // rows_only: out is written at the rows returned salient alone
     const Step st{{q, q_sb, q_sh, q_sl}, {k, k_sb, k_sh, k_sl}, {v, v_sb, v_sh, v_sl},
                   {kp, kp_sb, kp_sh, kp_sl}, {vp, vp_sb, vp_sh, vp_sl}, {ctx, c_sb, c_sh, c_sl},
                   {out, o_sb, o_sh, o_sl}, lse, lse_sb, lse_sh, lse_sl,
@@ -428,7 +434,7 @@ extern "C" void kernel(
             salient[r] = false;
             if (!query[r]) {
                 for (int64_t h = 0; h < H; ++h) st.lse_at(b, h, l) = INF;  // misses this step: stale
-                st.keep(b, l);
+                if (!rows_only) st.emit(b, l);
                 continue;
             }
             bool stale = false;
@@ -440,9 +446,9 @@ extern "C" void kernel(
                 row = st.incremental(b, l, cols[b], &old_keys[b * Hk], &new_keys[b * Hk], scratch)
                     ? INCREMENTAL : EXACT;
             }
-            if (row == KEPT) st.keep(b, l);
             if (row == EXACT) st.exact(b, l, &all_keys[b * Hk], scratch);
-            if (row != KEPT) salient[r] = st.commit(b, l);
+            if (row != KEPT) salient[r] = st.commit(b, l, scratch.row.data());
+            if (!rows_only || salient[r] || always[r]) st.emit(b, l, row == KEPT ? nullptr : scratch.row.data());
             how[r] = row;
         }
     }
@@ -464,7 +470,7 @@ extern "C" void kernel(
 }
 """
 _ARGTYPES = (["float*"] + ["int64_t"] * 3) * 8 + ["uintptr_t"] + ["int64_t"] * 3 + \
-    ["const bool*"] * 3 + ["bool*", "int64_t*"] + ["int64_t"] * 4 + ["float"] * 3
+    ["const bool*"] * 3 + ["bool*", "int64_t*"] + ["int64_t"] * 4 + ["float"] * 3 + ["int64_t"]
 FALLBACK = "attention on sparse steps runs as torch ops"
 
 
@@ -525,13 +531,17 @@ torch.library.define(
     "dyllm::attention_step",
     "(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor kv_rows, Tensor query_rows, Tensor always_rows, "
     "Tensor dense, Tensor(a!) k_prev, Tensor(b!) v_prev, Tensor(c!) ctx_cache, Tensor(d!) lse_cache, "
-    "Tensor(e!) stats, float scale, float tau) -> (Tensor, Tensor)")
+    "Tensor(e!) stats, float scale, float tau, bool rows_only=False) -> (Tensor, Tensor)")
 
 
 def attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], kv_rows: Tensor,
                    query_rows: Tensor, always_rows: Tensor, dense: Tensor, k_prev: Tensor, v_prev: Tensor,
                    ctx_cache: Tensor, lse_cache: Tensor, stats: Tensor, scale: float,
-                   tau: float) -> tuple[Tensor, Tensor]:
+                   tau: float, rows_only: bool = False) -> tuple[Tensor, Tensor]:
+    """The op (`incremental_attention_step`'s contract). `rows_only`: at a sparse step the output is written at
+    the rows it returns as salient alone, the rows its graph reads (`passes/saliency_rewrite.py` sets it
+    where every reader gathers those rows); elsewhere it is left unwritten. Every row is written otherwise, and
+    always by the fallback and at a dense step."""
     # operands it does not take build no kernel for their head dim
     kernel = _kernel(q.shape[3]) if supported(q, k, v, k_prev, v_prev, ctx_cache, lse_cache, stats) else None
     if kernel is None:
@@ -548,7 +558,8 @@ def attention_step(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
     salient = torch.empty(B, L, dtype=torch.bool)
     kernel(*_strided(q), *_strided(k), *_strided(v), *_strided(k_prev), *_strided(v_prev), *_strided(ctx_cache),
            *_strided(out), *_strided(lse_cache), *bias_args, kv_rows.contiguous(), query_rows.contiguous(),
-           always_rows.contiguous(), salient, stats, B, H, k.shape[1], L, scale, tau, CANCELLATION_FLOOR)
+           always_rows.contiguous(), salient, stats, B, H, k.shape[1], L, scale, tau, CANCELLATION_FLOOR,
+           int(rows_only))
     return out, salient
 
 
@@ -574,6 +585,6 @@ torch.library.impl("dyllm::attention_step", "CompositeExplicitAutograd")(attenti
 
 @torch.library.register_fake("dyllm::attention_step")
 def _(q, k, v, attn_mask, kv_rows, query_rows, always_rows, dense, k_prev, v_prev, ctx_cache, lse_cache, stats,
-      scale, tau):
+      scale, tau, rows_only=False):
     B, H, L, D = q.shape
     return q.new_empty(B, L, H, D).transpose(1, 2), q.new_empty(B, L, dtype=torch.bool)

@@ -29,11 +29,11 @@ DIRECT: dict[str, tuple[str, Callable, str]] = {
 
 
 def _recorded(fn: Callable, event: str) -> Callable:
-    def call(*args):
+    def call(*args, **kwargs):  # Inductor passes an argument left at its schema default by name
         if torch.autograd.profiler._is_profiler_enabled:
             with torch.profiler.record_function(event):
-                return fn(*args)
-        return fn(*args)
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
 
     return call
 

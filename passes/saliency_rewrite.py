@@ -170,6 +170,9 @@ class SaliencyRewrite:
         for row in reversed(self.stats_rows):
             self._last_placeholder.append(row)
         self.graph.eliminate_dead_code(is_impure_node=lambda n: n in unread or n in self.writes or n.is_impure())
+        for step in self.result.steps:
+            if step.target is ops.attention_step.default and _reads_salient_rows_only(step):
+                step.args = (*step.args, True)  # rows_only: the output's other rows are never read
         self.graph.lint()
         self.gm.recompile()
         return self.result
@@ -292,3 +295,27 @@ class SaliencyRewrite:
                 return
         for a in partial_inputs:
             self._use_cache(node, a)
+
+
+_LAYOUT = frozenset({"transpose", "permute", "reshape", "view", "contiguous", "unsqueeze", "squeeze", "flatten"})
+
+
+def _reads_salient_rows_only(step: fx.Node) -> bool:
+    """Whether the graph reads the output of the attention step `step` only at the rows it returns as salient:
+    every path from the output runs through layout ops (`_LAYOUT`) to a `take_rows` by the index of those rows."""
+    out = [u for u in step.users if u.target is operator.getitem and u.args[1] == 0]
+    rows = [u for u in step.users if u.target is operator.getitem and u.args[1] == 1]
+    pending = list(out)
+    while pending:
+        node = pending.pop()
+        for user in node.users:
+            if user.args[0] is not node or node in user.args[1:] or node in user.kwargs.values():
+                return False
+            index = user.args[1] if user.target is compact_rows.take_rows else None
+            if isinstance(index, fx.Node) and index.target is ops.select_rows.default and index.args[0] in rows:
+                continue
+            name = user.target if user.op == "call_method" else getattr(user.target, "__name__", None)
+            if user.op not in ("call_method", "call_function") or name not in _LAYOUT:
+                return False
+            pending.append(user)
+    return bool(rows)

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import dyllm_fx
+from dyllm_fx.backend import graphs_of
 from dyllm_fx.kernels import attention_step_cpp, cpp_build
 from dyllm_fx.kernels.incremental_attention import incremental_attention_step
 from dyllm_fx.models import llada_like
@@ -29,13 +30,14 @@ def _changed(t, rows, gen):
 def test_the_cpp_step_agrees_with_the_traced_one(B, Hk, g, L, D, mask_kind, tau, seed, p):
     """Same contexts, caches and exact/incremental split, step by step; query rows left out now and then (stale
     rows). At tau = 1.0 every query row whose context moved at all is salient (the two may differ on rows recomputed
-    to other roundings: salient by one, not by the other; both safe)."""
+    to other roundings: salient by one, not by the other; both safe). With `rows_only` the C++ step writes the same
+    caches, saliency and stats, and the same output at the rows it returns as salient."""
     gen = torch.Generator().manual_seed(seed)
     H = Hk * g
     q, k, v = torch.randn(B, H, L, D, generator=gen), torch.randn(B, Hk, L, D, generator=gen), \
         torch.randn(B, Hk, L, D, generator=gen)
     mask = _mask(mask_kind, B, L, gen)
-    torch_layer, cpp_layer = Layer(B, H, Hk, L, D, 1 / math.sqrt(D), tau), Layer(B, H, Hk, L, D, 1 / math.sqrt(D), tau)
+    torch_layer, cpp_layer, rows_layer = (Layer(B, H, Hk, L, D, 1 / math.sqrt(D), tau) for _ in range(3))
     everyone = torch.ones(B, L, dtype=torch.bool)
     before = None
     for i in range(4):
@@ -45,6 +47,11 @@ def test_the_cpp_step_agrees_with_the_traced_one(B, Hk, g, L, D, mask_kind, tau,
         always = everyone if i == 0 else None  # the backend's dense step: every row entered layer 0
         want = torch_layer(q, k, v, mask, rows, query=query, always=always, dense=i == 0)
         got = cpp_layer(q, k, v, mask, rows, query=query, always=always, dense=i == 0, step=attention_step)
+        only = rows_layer(q, k, v, mask, rows, query=query, always=always, dense=i == 0,
+                          step=lambda *args: attention_step(*args, rows_only=True))
+        assert torch.equal(only[1], got[1]) and torch.equal(rows_layer.stats, cpp_layer.stats)
+        assert all(torch.equal(a, b) for a, b in zip(rows_layer.caches, cpp_layer.caches))
+        assert torch.equal(only[0].transpose(1, 2)[got[1]], got[0].transpose(1, 2)[got[1]])
         torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
         for a, b in zip(cpp_layer.caches, torch_layer.caches):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -114,3 +121,18 @@ def test_the_additive_mask_is_made_once_per_mask_and_version():
     with torch.inference_mode():  # an inference tensor has no version to key on: made every time, still right
         frozen = torch.ones(1, 1, 3, 3, dtype=torch.bool).tril()
         assert torch.equal(attention_step_cpp._bias(frozen, 1, 3).isinf(), ~frozen)
+
+
+@pytest.mark.parametrize("policy", ["full", "paper"])
+def test_the_output_is_written_at_the_salient_rows_alone_where_the_graph_reads_no_other(policy):
+    """"full" gates the output projection by the step's salient rows: the graph gathers those rows of the
+    attention's output and nothing else, so the step writes them alone (`rows_only`). "paper" projects every row."""
+    torch._dynamo.reset()
+    model = llada_like(hidden_size=16, num_layers=2, num_heads=2, head_dim=8, vocab_size=53)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, policy=policy, lowering="eager"), dynamic=False)
+    with torch.no_grad():
+        compiled(torch.randint(0, 50, (2, 9)))
+    (graph,) = graphs_of(model)
+    steps = [n for n in graph.rewritten.graph.nodes if n.target is attention_step]
+    assert len(steps) == 2
+    assert all(n.args[15:] == ((True,) if policy == "full" else ()) for n in steps)

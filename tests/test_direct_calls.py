@@ -12,12 +12,12 @@ from dyllm_fx.models import llada_like
 needs_registry = pytest.mark.skipif(not direct_calls.REGISTERED, reason="this Inductor has no custom wrapper codegen")
 
 
-def _two_steps(direct: bool) -> tuple[str, list[torch.Tensor]]:
+def _two_steps(direct: bool, policy: str = "full") -> tuple[str, list[torch.Tensor]]:
     """The compiled wrapper's source and the logits of a dense and a sparse step of a small model at tau=0.99."""
     torch._dynamo.reset()
     model = llada_like(hidden_size=16, num_layers=2, num_heads=2, head_dim=8, vocab_size=53, seed=0)
     ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
-    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, policy="full", dense_steps=1), dynamic=False)
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.99, policy=policy, dense_steps=1), dynamic=False)
     with torch.no_grad(), contextlib.nullcontext() if direct else direct_calls.dispatched(), \
             torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
@@ -37,6 +37,13 @@ def test_the_compiled_wrapper_calls_the_ops_directly_with_the_dispatchers_result
     assert "torch.ops.dyllm.packed_linear.default(" in source and "extern_kernels.dyllm_" not in source
     for a, b in zip(direct, dispatched):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_registry
+def test_an_argument_left_at_its_schema_default_is_passed_by_name():
+    """"paper" leaves the attention step's `rows_only` at its default, which Inductor's wrapper writes by name."""
+    source, logits = _two_steps(direct=True, policy="paper")
+    assert "rows_only=False" in source and all(t.isfinite().all() for t in logits)
 
 
 @needs_registry
