@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import panel_gemm
-from .compact_rows import flat_rows_view, put_rows
+from .compact_rows import flat_rows_view, put_rows, rows_view
 
 # id(first weight) -> the group's entry (`_new_entry`: weakrefs to its weights and biases, their versions, the packed
 # copies, its sizes); a plain dict (a weak-keyed one cost more per lookup than a sparse step's GEMM on a few rows),
@@ -98,16 +98,17 @@ torch.library.define("dyllm::packed_linear", "(Tensor x, Tensor[] weights, Tenso
 
 
 def packed_linear_cpu(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]],
-                      out: Optional[Tensor] = None) -> Tensor:
+                      out: Optional[Tensor] = None, out_rows: Optional[Tensor] = None) -> Tensor:
     """The op on CPU (also called directly by Inductor's wrapper, `direct_calls.py`). Lean on purpose: in a sparse
     step every microsecond of Python here is paid ~120 times, and several times over (the GEMMs between the calls
     evict the interpreter's data from the caches). `out` (`packed_linear_put_`): a 2-D fp32 tensor with contiguous
-    rows, one per row of `x`, that receives the result (and is returned)."""
+    rows that receives the result, one row per row of `x`, or row i in `out[out_rows[i]]` where `out_rows` (int64,
+    contiguous, valid rows of `out`: the caller checks) is given; `out` is returned."""
     entry = _PACKED.get(id(weights[0]))
     if entry is None or x.dtype != torch.float32 or not _current(entry, weights, biases):
         if x.dtype != torch.float32 or any(w.dtype != torch.float32 for w in weights) or \
                 not (panel_gemm.available() or _ONEDNN):
-            return _into(out, _plain(x, weights, biases))
+            return _into(out, _plain(x, weights, biases), out_rows)
         entry = _new_entry(weights, biases)
     _, _, packed, bias, n, k, bias_ptr = entry
     flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
@@ -117,16 +118,21 @@ def packed_linear_cpu(x: Tensor, weights: list[Tensor], biases: list[Optional[Te
     if flat.shape[0] == 0:
         y = flat.new_empty(0, n)
     elif kernel is not None:
-        y = panel_gemm.call(kernel, flat if flat.stride(1) == 1 else flat.contiguous(), packed, bias_ptr, n, out=out)
+        y = panel_gemm.call(kernel, flat if flat.stride(1) == 1 else flat.contiguous(), packed, bias_ptr, n, out=out,
+                            out_rows=out_rows)
         if out is not None:
             return y
     else:
         y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), packed, bias, "none", [], "")
-    return _into(out, y if x.dim() == 2 else y.view(*x.shape[:-1], n))
+    return _into(out, y if x.dim() == 2 else y.view(*x.shape[:-1], n), out_rows)
 
 
-def _into(out: Optional[Tensor], y: Tensor) -> Tensor:
-    return y if out is None else out.copy_(y.reshape(out.shape))
+def _into(out: Optional[Tensor], y: Tensor, out_rows: Optional[Tensor] = None) -> Tensor:
+    if out is None:
+        return y
+    if out_rows is None:
+        return out.copy_(y.reshape(out.shape))
+    return out.index_copy_(0, out_rows, y.reshape(-1, out.shape[1]))
 
 
 torch.library.impl("dyllm::packed_linear", "CPU")(packed_linear_cpu)
@@ -159,15 +165,24 @@ torch.library.define(
 def packed_linear_put_(cache: Tensor, index: Tensor, x: Tensor, weights: list[Tensor],
                        biases: list[Optional[Tensor]], batch_axis: int, token_axis: int) -> None:
     """`put_rows(cache, index, packed_linear(x, weights, biases), batch_axis, token_axis)` as one call, for a graph
-    output's cache (`passes/saliency_rewrite.py`). Where `index` names every row (a dense step: the index ascends
-    without repeats) and the cache's rows are one matrix with contiguous rows, the GEMM writes into the cache
-    directly: no temporary of every row's output (the default model's logits, 50 MB, a fresh allocation then a
-    copy)."""
+    output's cache (`passes/saliency_rewrite.py`). Where the cache's rows are one fp32 matrix with contiguous rows,
+    the GEMM writes its rows of the cache directly, with no temporary (the default model's logits: 50 MB at a dense
+    step, a fresh allocation then a copy; a few MB at a sparse one): the whole cache where `index` names every row
+    (a dense step: the index ascends without repeats), else row i into row `index[i]`."""
     flat = flat_rows_view(cache, batch_axis, token_axis)
-    if x.is_cpu and index.numel() == flat.shape[0] and flat.dim() == 2 and flat.stride(1) == 1 and \
-            flat.dtype == torch.float32:
-        packed_linear_cpu(x.reshape(flat.shape[0], x.shape[-1]), weights, biases, out=flat)
-        return
+    if x.is_cpu and flat.dim() == 2 and flat.stride(1) == 1 and flat.dtype == torch.float32 and \
+            index.dtype == torch.int64:
+        rows = rows_view(x, batch_axis, token_axis).reshape(-1, x.shape[-1])  # x has the cache's axes
+        if index.numel() == rows.shape[0] == flat.shape[0]:
+            packed_linear_cpu(rows, weights, biases, out=flat)
+            return
+        if index.numel() == rows.shape[0]:
+            if index.numel():
+                low, high = torch.aminmax(index)
+                if low < 0 or high >= flat.shape[0]:
+                    raise IndexError(f"packed_linear_put_: index out of range for a cache of {flat.shape[0]} rows")
+            packed_linear_cpu(rows, weights, biases, out=flat, out_rows=index.contiguous())
+            return
     put_rows(cache, index, packed_linear_any(x, weights, biases), batch_axis, token_axis)
 
 

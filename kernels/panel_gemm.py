@@ -78,10 +78,15 @@ static inline void store_cols(Vec r, float* o, int64_t left) {
     else r.store(o, left);
 }
 
-// out[i, 0:cols] = bias + sum_k x[i, k] * panel[k, 0:cols] for MB rows, prefetching as `accumulate`
+// where row i of a chunk goes: out + i * ldo, or out + orow[i] * ldo where the output rows are scattered
+static inline float* out_row(float* out, const int64_t* orow, int64_t i, int64_t ldo) {
+    return out + (orow ? orow[i] : i) * ldo;
+}
+
+// out_row(i)[0:cols] = bias + sum_k x[i, k] * panel[k, 0:cols] for MB rows, prefetching as `accumulate`
 template <int MB, int HINT>
-static inline void chunk(const float* x, const float* panel, const float* bias, float* out, int64_t K, int64_t ldx,
-                         int64_t ldo, int64_t cols, const float* pf) {
+static inline void chunk(const float* x, const float* panel, const float* bias, float* out, const int64_t* orow,
+                         int64_t K, int64_t ldx, int64_t ldo, int64_t cols, const float* pf) {
     Vec acc[MB][NV];
     for (int i = 0; i < MB; ++i)
         for (int v = 0; v < NV; ++v) acc[i][v] = Vec(0.f);
@@ -91,20 +96,20 @@ static inline void chunk(const float* x, const float* panel, const float* bias, 
         if (left <= 0) break;
         const Vec b = bias ? Vec::loadu(bias + v * Vec::size()) : Vec(0.f);
         // a copy: taking the accumulators' address would keep them in memory
-        for (int i = 0; i < MB; ++i) store_cols(acc[i][v] + b, out + i * ldo + v * Vec::size(), left);
+        for (int i = 0; i < MB; ++i) store_cols(acc[i][v] + b, out_row(out, orow, i, ldo) + v * Vec::size(), left);
     }
 }
 
 template <int HINT>
-static inline void chunk_of(int64_t mb, const float* x, const float* panel, const float* bias, float* out, int64_t K,
-                            int64_t ldx, int64_t ldo, int64_t cols, const float* pf) {
+static inline void chunk_of(int64_t mb, const float* x, const float* panel, const float* bias, float* out,
+                            const int64_t* orow, int64_t K, int64_t ldx, int64_t ldo, int64_t cols, const float* pf) {
     switch (mb) {
-        case 1: chunk<1, HINT>(x, panel, bias, out, K, ldx, ldo, cols, pf); break;
-        case 2: chunk<2, HINT>(x, panel, bias, out, K, ldx, ldo, cols, pf); break;
-        case 3: chunk<3, HINT>(x, panel, bias, out, K, ldx, ldo, cols, pf); break;
-        case 4: chunk<4, HINT>(x, panel, bias, out, K, ldx, ldo, cols, pf); break;
-        case 5: chunk<5, HINT>(x, panel, bias, out, K, ldx, ldo, cols, pf); break;
-        default: chunk<6, HINT>(x, panel, bias, out, K, ldx, ldo, cols, pf); break;
+        case 1: chunk<1, HINT>(x, panel, bias, out, orow, K, ldx, ldo, cols, pf); break;
+        case 2: chunk<2, HINT>(x, panel, bias, out, orow, K, ldx, ldo, cols, pf); break;
+        case 3: chunk<3, HINT>(x, panel, bias, out, orow, K, ldx, ldo, cols, pf); break;
+        case 4: chunk<4, HINT>(x, panel, bias, out, orow, K, ldx, ldo, cols, pf); break;
+        case 5: chunk<5, HINT>(x, panel, bias, out, orow, K, ldx, ldo, cols, pf); break;
+        default: chunk<6, HINT>(x, panel, bias, out, orow, K, ldx, ldo, cols, pf); break;
     }
 }
 
@@ -140,8 +145,8 @@ constexpr int64_t KBLOCK_CHUNKS = (KBLOCK_ROWS + 5) / 6;
 
 // M rows of one panel, 7 to KBLOCK_ROWS: every chunk over each block of KBLOCK k in turn, the first one streaming
 // the panel from memory (PREFETCH k ahead, into the next panel at its end)
-static inline void rows_k_blocked(const float* x, const float* panel, const float* bias, float* out, int64_t M,
-                                  int64_t K, int64_t ldx, int64_t ldo, int64_t cols) {
+static inline void rows_k_blocked(const float* x, const float* panel, const float* bias, float* out,
+                                  const int64_t* orow, int64_t M, int64_t K, int64_t ldx, int64_t ldo, int64_t cols) {
     Vec acc[KBLOCK_CHUNKS * 6 * NV];
     int64_t start[KBLOCK_CHUNKS], size[KBLOCK_CHUNKS];
     const int64_t chunks = (M + 5) / 6;
@@ -162,7 +167,8 @@ static inline void rows_k_blocked(const float* x, const float* panel, const floa
         const Vec b = bias ? Vec::loadu(bias + v * Vec::size()) : Vec(0.f);
         for (int64_t c = 0; c < chunks; ++c)
             for (int64_t i = 0; i < size[c]; ++i)
-                store_cols(acc[(c * 6 + i) * NV + v] + b, out + (start[c] + i) * ldo + v * Vec::size(), left);
+                store_cols(acc[(c * 6 + i) * NV + v] + b, out_row(out, orow, start[c] + i, ldo) + v * Vec::size(),
+                           left);
     }
 }
 
@@ -171,42 +177,48 @@ static inline void rows_k_blocked(const float* x, const float* panel, const floa
 // PREFETCH k ahead into L1; the others read it from L1/L2, and the last of them prefetches the next panel into L2,
 // so that memory keeps streaming while they compute. A prefetch past the packed weight's end is harmless:
 // prefetches never fault.
-static inline void rows(const float* x, const float* panel, const float* bias, float* out, int64_t M, int64_t K,
-                        int64_t ldx, int64_t ldo, int64_t cols) {
+static inline void rows(const float* x, const float* panel, const float* bias, float* out, const int64_t* orow,
+                        int64_t M, int64_t K, int64_t ldx, int64_t ldo, int64_t cols) {
     if (M > 6 && M <= KBLOCK_ROWS) {
-        rows_k_blocked(x, panel, bias, out, M, K, ldx, ldo, cols);
+        rows_k_blocked(x, panel, bias, out, orow, M, K, ldx, ldo, cols);
         return;
     }
     const int64_t chunks = (M + 5) / 6;
     int64_t i = 0;
     for (int64_t c = 0; c < chunks; ++c) {
         const int64_t mb = (M - i) / (chunks - c);
+        float* o = orow ? out : out + i * ldo;  // the chunk's rows: from o, or scattered by orow + i
+        const int64_t* r = orow ? orow + i : nullptr;
         if (c == 0)
-            chunk_of<3>(mb, x + i * ldx, panel, bias, out + i * ldo, K, ldx, ldo, cols,
-                                  panel + PREFETCH * PANEL);
+            chunk_of<3>(mb, x + i * ldx, panel, bias, o, r, K, ldx, ldo, cols, panel + PREFETCH * PANEL);
         else if (c == chunks - 1)
-            chunk_of<2>(mb, x + i * ldx, panel, bias, out + i * ldo, K, ldx, ldo, cols, panel + K * PANEL);
+            chunk_of<2>(mb, x + i * ldx, panel, bias, o, r, K, ldx, ldo, cols, panel + K * PANEL);
         else
-            chunk_of<3>(mb, x + i * ldx, panel, bias, out + i * ldo, K, ldx, ldo, cols, panel);
+            chunk_of<3>(mb, x + i * ldx, panel, bias, o, r, K, ldx, ldo, cols, panel);
         i += mb;
     }
 }
 
-extern "C" void kernel(const float* x, const float* packed, uintptr_t bias_ptr, uintptr_t out_ptr, int64_t M,
-                       int64_t N, int64_t K, int64_t ldx, int64_t ldo, int64_t row_block) {
+// out_rows_ptr: 0, row i of the result is out's row i; else an int64 array of M rows of out to write instead
+extern "C" void kernel(const float* x, const float* packed, uintptr_t bias_ptr, uintptr_t out_ptr,
+                       uintptr_t out_rows_ptr, int64_t M, int64_t N, int64_t K, int64_t ldx, int64_t ldo,
+                       int64_t row_block) {
     const float* bias = reinterpret_cast<const float*>(bias_ptr);
     float* out = reinterpret_cast<float*>(out_ptr);
+    const int64_t* orow = reinterpret_cast<const int64_t*>(out_rows_ptr);
     const int64_t panels = (N + PANEL - 1) / PANEL;
     for (int64_t r = 0; r < M; r += row_block) {
         const int64_t m = std::min(row_block, M - r);
+        float* o = orow ? out : out + r * ldo;
+        const int64_t* rr = orow ? orow + r : nullptr;
         #pragma omp parallel for schedule(static)
         for (int64_t p = 0; p < panels; ++p)
-            rows(x + r * ldx, packed + p * PANEL * K, bias ? bias + p * PANEL : nullptr, out + r * ldo + p * PANEL,
-                 m, K, ldx, ldo, std::min(PANEL, N - p * PANEL));
+            rows(x + r * ldx, packed + p * PANEL * K, bias ? bias + p * PANEL : nullptr, o + p * PANEL, rr, m, K, ldx,
+                 ldo, std::min(PANEL, N - p * PANEL));
     }
 }
 """
-_ARGTYPES = ["const float*", "const float*", "uintptr_t", "uintptr_t"] + ["int64_t"] * 6
+_ARGTYPES = ["const float*", "const float*", "uintptr_t", "uintptr_t", "uintptr_t"] + ["int64_t"] * 6
 
 
 def kernel():
@@ -256,15 +268,18 @@ def linear(x: Tensor, packed: Tensor, bias: Optional[Tensor], n: int, row_block:
 
 
 def call(built, x: Tensor, packed: Tensor, bias_ptr: int, n: int, row_block: int = ROW_BLOCK,
-         out: Optional[Tensor] = None) -> Tensor:
+         out: Optional[Tensor] = None, out_rows: Optional[Tensor] = None) -> Tensor:
     """`linear` without its checks, for `packed_linear`, which made `packed` and the bias (at `bias_ptr`, 0 for
     none) itself and checked `x`'s width against the weight's: `built` is `kernel()`, `x` fp32 on the CPU with
-    contiguous rows. `out`: an fp32 `[M, n]` with contiguous rows to write into (any row stride), else a new one."""
+    contiguous rows. `out`: an fp32 `[M, n]` with contiguous rows to write into (any row stride), else a new one;
+    with `out_rows` (contiguous int64, one per row of `x`, each a row of `out`: the caller checks) row i of the
+    result goes to `out[out_rows[i]]` instead."""
     m = x.shape[0]
     if out is None:
         out = x.new_empty(m, n)
     if m and n:
-        args = (x, packed, bias_ptr, out.data_ptr(), m, n, x.shape[1], x.stride(0), out.stride(0), row_block)
+        args = (x, packed, bias_ptr, out.data_ptr(), 0 if out_rows is None else out_rows.data_ptr(), m, n,
+                x.shape[1], x.stride(0), out.stride(0), row_block)
         # a named event for benchmarks/profile_step.py, only while profiling (record_function is an op call itself)
         if _profiler._is_profiler_enabled:
             with torch.profiler.record_function("dyllm::panel_gemm"):

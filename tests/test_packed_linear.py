@@ -1,5 +1,7 @@
 """`packed_linear` (`kernels/packed_linear.py`): `panel_gemm` on a weight packed once (oneDNN where the C++ is not
 built), and when the rewrite uses it."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,13 +48,20 @@ def test_a_row_gets_the_same_bits_whatever_rows_share_its_call(k, widths, total,
        bias=st.booleans(), row_block=st.sampled_from([1, 5, 7, 256]), seed=st.integers(0, 99))
 def test_panel_gemm_is_the_linear(m, n, k, pad, bias, row_block, seed):
     """Any row count (one chunk, k-blocked chunks at 7-18 rows, one pass per chunk above), column count (a partial
-    last panel), passes over the weight, and inputs with a row stride wider than their width."""
+    last panel), passes over the weight, and inputs with a row stride wider than their width. With `out_rows` the
+    same rows land in those rows of `out`, and its other rows stay as they were."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k + pad, generator=g)[:, :k]
     w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g) if bias else None
     assert panel_gemm.takes(x)
     out = panel_gemm.linear(x, panel_gemm.pack(w), panel_gemm.pack_bias(b), n, row_block=row_block)
     torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    target, rows = torch.full((m + 3, n + pad), math.nan), torch.randperm(m + 3, generator=g)[:m]
+    packed_bias = panel_gemm.pack_bias(b)
+    panel_gemm.call(panel_gemm.kernel(), x, panel_gemm.pack(w), 0 if b is None else packed_bias.data_ptr(), n,
+                    row_block, out=target[:, :n], out_rows=rows)
+    assert torch.equal(target[rows, :n], out) and target[:, n:].isnan().all()
+    assert target[[i for i in range(m + 3) if i not in rows]].isnan().all()
 
 
 @needs_kernel
@@ -225,8 +234,8 @@ def test_explain_reports_the_packed_copies():
 @pytest.mark.parametrize("rows", ["all", "some", "none"])
 @pytest.mark.parametrize("shape, batch_axis, token_axis", [((2, 5, 7), 0, 1), ((1, 5, 7), -1, 1)])
 def test_packed_linear_put_writes_what_put_rows_of_packed_linear_writes(rows, shape, batch_axis, token_axis):
-    """At every row (a dense step) the GEMM writes into the cache itself; otherwise the rows go through a
-    temporary. Either way the cache ends as `put_rows(cache, index, packed_linear(x))` leaves it."""
+    """At every row (a dense step) the GEMM writes into the whole cache, at some rows into those rows of the cache
+    (a sparse step). Either way the cache ends as `put_rows(cache, index, packed_linear(x))` leaves it."""
     from dyllm_fx.kernels.compact_rows import put_rows, select_rows
 
     g = torch.Generator().manual_seed(0)
@@ -241,6 +250,13 @@ def test_packed_linear_put_writes_what_put_rows_of_packed_linear_writes(rows, sh
     put_rows(expected, index, packed.packed_linear(x, weights, biases), batch_axis, token_axis)
     ops.packed_linear_put_(cache, index, x, weights, biases, batch_axis, token_axis)
     assert torch.equal(cache, expected)
+
+
+def test_packed_linear_put_refuses_an_index_outside_the_cache():
+    x, weights = torch.randn(1, 2, 5), [torch.randn(4, 5)]
+    for index in ([0, 6], [-1, 1]):
+        with pytest.raises(IndexError, match="packed_linear_put_: index out of range"):
+            ops.packed_linear_put_(torch.zeros(2, 3, 4), torch.tensor(index), x, weights, [None], 0, 1)
 
 
 def test_opcheck_packed_linear_put():
