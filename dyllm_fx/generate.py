@@ -132,9 +132,12 @@ def first_argmax(x: torch.Tensor, chunk: int = 512) -> torch.LongTensor:
 
 def _argmax(logits, mask_id) -> torch.LongTensor:
     """argmax over the vocabulary without the mask token (a model may rank [MASK] first)."""
-    scanned = logits_scan.scan(logits, mask_id, torch.zeros(logits.shape[:-1], dtype=torch.bool))
-    if scanned is not None:  # fp32 on CPU: one C++ pass per row
-        return scanned[0]
+    scanned = logits_scan.scan(logits, mask_id)
+    return scanned[0] if scanned is not None else _torch_argmax(logits, mask_id)  # the scan: fp32 on CPU
+
+
+def _torch_argmax(logits, mask_id) -> torch.LongTensor:
+    """`_argmax` in torch ops."""
     argmax = first_argmax(logits)
     is_mask = argmax == mask_id
     if is_mask.any():
@@ -224,7 +227,9 @@ def _predict(logits, P: int, start: int, end: int, candidates, mask_id: int, shi
         if scanned is not None:
             argmax, scores = scanned
             return argmax, argmax[:, start - P:end - P], scores[:, start - P:end - P]
-    argmax = _argmax(generated, mask_id)
+        argmax = _torch_argmax(generated, mask_id)  # the scan refused these logits: not again
+    else:
+        argmax = _argmax(generated, mask_id)
     block_logits = _predicting(logits, start, end, shift_logits)
     mask_column = torch.tensor([mask_id], device=logits.device)
     if temperature > 0:

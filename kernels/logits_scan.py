@@ -116,17 +116,19 @@ def _kernel():
     return cpp_build.load("logits_scan", _ARGTYPES, _SOURCE, "the decoding loop reads the logits with torch ops")
 
 
-def scan(logits: Tensor, mask_id: int, scored: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+def scan(logits: Tensor, mask_id: int, scored: Optional[Tensor] = None) -> Optional[tuple[Tensor, Tensor]]:
     """(argmax `[B, G]` int64, score `[B, G]` fp32) of fp32 CPU `logits` `[B, G, V]` (last axis contiguous), or
     None where the kernel does not take them (another dtype or device, a NaN, a maximum that is not finite, no
-    build): the caller runs `reference`'s torch ops then."""
+    build): the caller runs `reference`'s torch ops then. `scored` None: no row scored."""
     if not (logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 3 and logits.stride(2) == 1
-            and scored.shape == logits.shape[:2]):
+            and (scored is None or scored.shape == logits.shape[:2])):
         return None
     kernel = _kernel()
     if kernel is None:
         return None
     B, G, n_cols = logits.shape
+    if scored is None:
+        scored = torch.zeros(B, G, dtype=torch.bool)
     argmax = torch.empty(B, G, dtype=torch.int64)
     score = torch.empty(B, G, dtype=torch.float32)
     ok = torch.empty(1, dtype=torch.bool)

@@ -15,7 +15,7 @@ With `panel_gemm` a row's result does not depend on the other rows of its call (
 the original bit for bit.
 
 `packed_linear_put_(cache, index, x, weights, biases, ...)` is `put_rows` of the same product into a cache, for the
-logits a graph returns: at a dense step (every row) the GEMM writes straight into the cache.
+logits a graph returns: the GEMM writes straight into the cache's rows (all of them at a dense step).
 
 The packed copies live in `_PACKED`, keyed by the group's first weight (the entry is dropped with it) and re-made when
 a weight or bias of the group is another tensor or its version counter moved (an in-place update). They cost as

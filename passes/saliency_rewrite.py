@@ -29,7 +29,7 @@ from dyllm_fx.kernels.incremental_attention import incremental_attention_step
 from .attention import AttentionSite
 from .compact_rows import CompactOps
 from .regions import LinearSite
-from .token_axis import TokenAxisAnalysis, tensor_meta
+from .token_axis import TokenAxisAnalysis, op_name, tensor_meta
 
 ops = torch.ops.dyllm
 # how an attention's sparse step is computed (`RewriteResult.attention`, shown by `dyllm_fx.explain`)
@@ -314,8 +314,7 @@ def _reads_salient_rows_only(step: fx.Node) -> bool:
             index = user.args[1] if user.target is compact_rows.take_rows else None
             if isinstance(index, fx.Node) and index.target is ops.select_rows.default and index.args[0] in rows:
                 continue
-            name = user.target if user.op == "call_method" else getattr(user.target, "__name__", None)
-            if user.op not in ("call_method", "call_function") or name not in _LAYOUT:
+            if op_name(user) not in _LAYOUT:
                 return False
             pending.append(user)
     return bool(rows)
