@@ -5,11 +5,12 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import dyllm_fx
 from dyllm_fx.backend import graphs_of
 from dyllm_fx.kernels import attention_step_cpp, cpp_build
+from dyllm_fx.kernels.delta_attention import CANCELLATION_FLOOR
 from dyllm_fx.kernels.incremental_attention import incremental_attention_step
 from dyllm_fx.models import llada_like
 from dyllm_fx.passes.saliency_rewrite import EVERY_ROW_EXACT, INCREMENTAL, INCREMENTAL_CPP
@@ -17,6 +18,10 @@ from dyllm_fx.passes.saliency_rewrite import EVERY_ROW_EXACT, INCREMENTAL, INCRE
 from test_incremental_attention import Layer, _mask
 
 attention_step = torch.ops.dyllm.attention_step.default
+# The two forms sum in other orders. An incremental row subtracts the changed columns' old terms from its cached
+# context, which amplifies rounding by up to 1 / CANCELLATION_FLOOR (rows past that are recomputed): a few fp32 ulps
+# of it, relative, between the forms.
+RTOL = 4 * torch.finfo(torch.float32).eps / CANCELLATION_FLOOR
 
 
 def _changed(t, rows, gen):
@@ -24,6 +29,7 @@ def _changed(t, rows, gen):
 
 
 @settings(max_examples=30, deadline=None)
+@example(B=2, Hk=2, g=1, L=2, D=72, mask_kind="additive", tau=1.0, seed=44, p=0.05)  # 3e-5 apart, relative
 @given(B=st.integers(1, 2), Hk=st.integers(1, 2), g=st.integers(1, 3), L=st.integers(2, 40),
        D=st.sampled_from([5, 8, 64, 72]), mask_kind=st.sampled_from([None, "additive", "bool"]),
        tau=st.sampled_from([1.0, 0.999]), seed=st.integers(0, 999), p=st.sampled_from([0.05, 0.3]))
@@ -52,9 +58,9 @@ def test_the_cpp_step_agrees_with_the_traced_one(B, Hk, g, L, D, mask_kind, tau,
         assert torch.equal(only[1], got[1]) and torch.equal(rows_layer.stats, cpp_layer.stats)
         assert all(torch.equal(a, b) for a, b in zip(rows_layer.caches, cpp_layer.caches))
         assert torch.equal(only[0].transpose(1, 2)[got[1]], got[0].transpose(1, 2)[got[1]])
-        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=RTOL)
         for a, b in zip(cpp_layer.caches, torch_layer.caches):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=RTOL)
         assert torch.equal(cpp_layer.stats[1:], torch_layer.stats[1:])  # exact, incremental, query rows
         if i == 0:  # the dense step: every row salient in both (the C++ form skips the cosines there)
             assert torch.equal(got[1], want[1]) and got[1].all() and torch.equal(cpp_layer.stats, torch_layer.stats)
