@@ -11,10 +11,16 @@ Kernel: threads take panels. For each panel the rows go in balanced chunks of at
 panel's 16 weights at `k` (two AVX2 vectors) times `x[i, k]` broadcast go into 12 accumulators (6 rows x 2
 vectors: 12 independent FMA chains, 15 of AVX2's 16 registers). There are no horizontal sums. A panel comes from
 memory once per block of `ROW_BLOCK` rows, its first chunk prefetching 64 `k` ahead:
-- up to 6 rows (most calls of a sparse step) are one chunk, one pass;
-- 7 to `KBLOCK_ROWS` rows go k-block by k-block (`KBLOCK` k): every chunk runs over the block while it is in
-  L1, the accumulators kept in memory between blocks, so the weights stream from memory without a pause (ad-hoc
-  runs on the development machine: about 10 % faster than one pass per chunk at 8 to 12 rows, no gain from 24);
+- up to `PAIR_ROWS` (6) rows (most calls of a sparse step), a thread reads two of its panels side by side: its
+  panels split into two runs, the i-th panel of each read together. A core's prefetchers keep more reads in flight
+  for two sequential streams than for one (ad hoc, reading the default model's packed weights on the development
+  machine's 2 cores: 35 GB/s against 25). Up to 3 rows the two panels go k by k, both panels' accumulators in
+  registers (at 2 rows, the most common count, the pass over the default model's weights took 16 ms instead of
+  21); 4 to 6 rows go k-block by k-block as below, the two panels in turn;
+- 7 to `KBLOCK_ROWS` rows go k-block by k-block (`KBLOCK` k), one panel at a time: every chunk runs over the
+  block while it is in L1, the accumulators kept in memory between blocks, so the weights stream from memory
+  without a pause (about 10 % faster than one pass per chunk at 8 to 12 rows, no gain from 24; reading two panels
+  side by side was slower here, where the chunks' FMAs already bound the pass);
 - more rows (dense steps: compute-bound) run one pass over the panel per chunk, from L1/L2 after the first, the
   last chunk prefetching the next panel into L2.
 
@@ -142,47 +148,82 @@ static inline void part_of(int64_t mb, const float* x, const float* panel, Vec* 
 constexpr int64_t KBLOCK = 32;  // k per block of the k-blocked passes: 2 KB of the panel, in L1 for every chunk
 constexpr int64_t KBLOCK_ROWS = 18;  // up to this many rows the passes are k-blocked
 constexpr int64_t KBLOCK_CHUNKS = (KBLOCK_ROWS + 5) / 6;
+constexpr int64_t PAIR_ROWS = 6;  // up to this many rows a thread reads two panels side by side
 
-// M rows of one panel, 7 to KBLOCK_ROWS: every chunk over each block of KBLOCK k in turn, the first one streaming
-// the panel from memory (PREFETCH k ahead, into the next panel at its end)
-static inline void rows_k_blocked(const float* x, const float* panel, const float* bias, float* out,
-                                  const int64_t* orow, int64_t M, int64_t K, int64_t ldx, int64_t ldo, int64_t cols) {
-    Vec acc[KBLOCK_CHUNKS * 6 * NV];
+// MB rows (1 to 3) of two panels read side by side, k by k (both panels' accumulators in registers), each
+// prefetched PREFETCH k ahead, into its next panel at its end
+template <int MB>
+static inline void pair(const float* x, const float* const* panel, const float* const* bias, float* const* out,
+                        const int64_t* cols, const int64_t* orow, int64_t K, int64_t ldx, int64_t ldo) {
+    Vec a0[MB][NV], a1[MB][NV];
+    for (int i = 0; i < MB; ++i)
+        for (int v = 0; v < NV; ++v) a0[i][v] = a1[i][v] = Vec(0.f);
+    const float* p0 = panel[0];
+    const float* p1 = panel[1];
+    for (int64_t k = 0; k < K; ++k) {
+        __builtin_prefetch(p0 + (k + PREFETCH) * PANEL, 0, 3);
+        __builtin_prefetch(p1 + (k + PREFETCH) * PANEL, 0, 3);
+        step<MB>(a0, x + k, p0 + k * PANEL, ldx);
+        step<MB>(a1, x + k, p1 + k * PANEL, ldx);
+    }
+    for (int s = 0; s < 2; ++s)
+        for (int v = 0; v < NV; ++v) {
+            const int64_t left = cols[s] - v * Vec::size();
+            if (left <= 0) break;
+            const Vec b = bias[s] ? Vec::loadu(bias[s] + v * Vec::size()) : Vec(0.f);
+            for (int i = 0; i < MB; ++i)
+                store_cols((s ? a1[i][v] : a0[i][v]) + b, out_row(out[s], orow, i, ldo) + v * Vec::size(), left);
+        }
+}
+
+// M rows (1 to KBLOCK_ROWS) of n panels (1 or 2) read side by side: panel s at panel[s], its bias (or null) at
+// bias[s], its output columns from out[s], cols[s] of them. Two panels of up to 3 rows go k by k (`pair`);
+// otherwise for each block of KBLOCK k, each panel's chunks in turn, the accumulators kept in memory between
+// blocks, each panel's first chunk streaming it from memory (PREFETCH k ahead, into its next panel at its end).
+static inline void rows_k_blocked(const float* x, const float* const* panel, const float* const* bias,
+                                  float* const* out, const int64_t* cols, int64_t n, const int64_t* orow, int64_t M,
+                                  int64_t K, int64_t ldx, int64_t ldo) {
+    if (n == 2 && M <= 3) {
+        if (M == 1) pair<1>(x, panel, bias, out, cols, orow, K, ldx, ldo);
+        else if (M == 2) pair<2>(x, panel, bias, out, cols, orow, K, ldx, ldo);
+        else pair<3>(x, panel, bias, out, cols, orow, K, ldx, ldo);
+        return;
+    }
+    Vec acc[2][KBLOCK_CHUNKS * 6 * NV];
     int64_t start[KBLOCK_CHUNKS], size[KBLOCK_CHUNKS];
     const int64_t chunks = (M + 5) / 6;
     for (int64_t c = 0, i = 0; c < chunks; i += size[c], ++c) {
         start[c] = i;
         size[c] = (M - i) / (chunks - c);
     }
-    for (int64_t j = 0; j < chunks * 6 * NV; ++j) acc[j] = Vec(0.f);
+    for (int64_t s = 0; s < n; ++s)
+        for (int64_t j = 0; j < chunks * 6 * NV; ++j) acc[s][j] = Vec(0.f);
     for (int64_t k0 = 0; k0 < K; k0 += KBLOCK) {
         const int64_t k1 = std::min(K, k0 + KBLOCK);
-        part_of<3>(size[0], x, panel, acc, k0, k1, ldx, panel + PREFETCH * PANEL);
-        for (int64_t c = 1; c < chunks; ++c)
-            part_of<-1>(size[c], x + start[c] * ldx, panel, acc + c * 6 * NV, k0, k1, ldx, panel);
+        for (int64_t s = 0; s < n; ++s) {
+            part_of<3>(size[0], x, panel[s], acc[s], k0, k1, ldx, panel[s] + PREFETCH * PANEL);
+            for (int64_t c = 1; c < chunks; ++c)
+                part_of<-1>(size[c], x + start[c] * ldx, panel[s], acc[s] + c * 6 * NV, k0, k1, ldx, panel[s]);
+        }
     }
-    for (int v = 0; v < NV; ++v) {
-        const int64_t left = cols - v * Vec::size();
-        if (left <= 0) break;
-        const Vec b = bias ? Vec::loadu(bias + v * Vec::size()) : Vec(0.f);
-        for (int64_t c = 0; c < chunks; ++c)
-            for (int64_t i = 0; i < size[c]; ++i)
-                store_cols(acc[(c * 6 + i) * NV + v] + b, out_row(out, orow, start[c] + i, ldo) + v * Vec::size(),
-                           left);
-    }
+    for (int64_t s = 0; s < n; ++s)
+        for (int v = 0; v < NV; ++v) {
+            const int64_t left = cols[s] - v * Vec::size();
+            if (left <= 0) break;
+            const Vec b = bias[s] ? Vec::loadu(bias[s] + v * Vec::size()) : Vec(0.f);
+            for (int64_t c = 0; c < chunks; ++c)
+                for (int64_t i = 0; i < size[c]; ++i)
+                    store_cols(acc[s][(c * 6 + i) * NV + v] + b,
+                               out_row(out[s], orow, start[c] + i, ldo) + v * Vec::size(), left);
+        }
 }
 
-// M rows of one panel in balanced chunks of at most 6 (7 rows are 4 + 3, not 6 + 1). Up to KBLOCK_ROWS rows, k-block
-// by k-block (above). Otherwise one pass per chunk: the first chunk streams the panel from memory, prefetching
+// M rows (more than KBLOCK_ROWS) of one panel in balanced chunks of at most 6, one pass per chunk: the first chunk streams the panel from memory, prefetching
 // PREFETCH k ahead into L1; the others read it from L1/L2, and the last of them prefetches the next panel into L2,
 // so that memory keeps streaming while they compute. A prefetch past the packed weight's end is harmless:
 // prefetches never fault.
 static inline void rows(const float* x, const float* panel, const float* bias, float* out, const int64_t* orow,
                         int64_t M, int64_t K, int64_t ldx, int64_t ldo, int64_t cols) {
-    if (M > 6 && M <= KBLOCK_ROWS) {
-        rows_k_blocked(x, panel, bias, out, orow, M, K, ldx, ldo, cols);
-        return;
-    }
     const int64_t chunks = (M + 5) / 6;
     int64_t i = 0;
     for (int64_t c = 0; c < chunks; ++c) {
@@ -211,10 +252,39 @@ extern "C" void kernel(const float* x, const float* packed, uintptr_t bias_ptr, 
         const int64_t m = std::min(row_block, M - r);
         float* o = orow ? out : out + r * ldo;
         const int64_t* rr = orow ? orow + r : nullptr;
-        #pragma omp parallel for schedule(static)
-        for (int64_t p = 0; p < panels; ++p)
-            rows(x + r * ldx, packed + p * PANEL * K, bias ? bias + p * PANEL : nullptr, o + p * PANEL, rr, m, K, ldx,
-                 ldo, std::min(PANEL, N - p * PANEL));
+        const float* xr = x + r * ldx;
+        if (m > KBLOCK_ROWS) {
+            #pragma omp parallel for schedule(static)
+            for (int64_t p = 0; p < panels; ++p)
+                rows(xr, packed + p * PANEL * K, bias ? bias + p * PANEL : nullptr, o + p * PANEL, rr, m, K, ldx,
+                     ldo, std::min(PANEL, N - p * PANEL));
+            continue;
+        }
+        // few rows: a thread's panels, up to PAIR_ROWS rows, in two runs whose i-th panels it reads side by side
+        // (two sequential streams keep more reads in flight than one)
+        const int64_t streams = m <= PAIR_ROWS ? 2 : 1;
+        #pragma omp parallel
+        {
+            const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+            const int64_t p0 = panels * t / threads, p1 = panels * (t + 1) / threads;
+            const int64_t run = (p1 - p0 + streams - 1) / streams;
+            for (int64_t i = 0; i < run; ++i) {
+                const float* pp[2];
+                const float* bb[2];
+                float* oo[2];
+                int64_t cc[2], n = 0;
+                for (int64_t s = 0; s < streams; ++s) {
+                    const int64_t p = p0 + s * run + i;
+                    if (p >= p1) break;
+                    pp[n] = packed + p * PANEL * K;
+                    bb[n] = bias ? bias + p * PANEL : nullptr;
+                    oo[n] = o + p * PANEL;
+                    cc[n] = std::min(PANEL, N - p * PANEL);
+                    ++n;
+                }
+                rows_k_blocked(xr, pp, bb, oo, cc, n, rr, m, K, ldx, ldo);
+            }
+        }
     }
 }
 """

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import dyllm_fx
 from dyllm_fx.backend import graphs_of
@@ -44,11 +44,14 @@ def test_a_row_gets_the_same_bits_whatever_rows_share_its_call(k, widths, total,
 
 @needs_kernel
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-@given(m=st.integers(1, 26), n=st.integers(1, 40), k=st.integers(1, 70), pad=st.integers(0, 5),
+@given(m=st.integers(1, 26), n=st.integers(1, 120), k=st.integers(1, 70), pad=st.integers(0, 5),
        bias=st.booleans(), row_block=st.sampled_from([1, 5, 7, 256]), seed=st.integers(0, 99))
+@example(m=2, n=120, k=70, pad=1, bias=True, row_block=256, seed=0)  # pairs of panels (both threads: 8 panels)
+@example(m=5, n=105, k=33, pad=0, bias=False, row_block=256, seed=1)  # pairs k-blocked, an odd run, a partial panel
 def test_panel_gemm_is_the_linear(m, n, k, pad, bias, row_block, seed):
-    """Any row count (one chunk, k-blocked chunks at 7-18 rows, one pass per chunk above), column count (a partial
-    last panel), passes over the weight, and inputs with a row stride wider than their width. With `out_rows` the
+    """Any row count (two panels side by side at up to 6 rows, k-blocked chunks at 7-18 rows, one pass per chunk
+    above), column count (a partial last panel), passes over the weight, and inputs with a row stride wider than
+    their width. With `out_rows` the
     same rows land in those rows of `out`, and its other rows stay as they were."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k + pad, generator=g)[:, :k]
@@ -62,6 +65,24 @@ def test_panel_gemm_is_the_linear(m, n, k, pad, bias, row_block, seed):
                     row_block, out=target[:, :n], out_rows=rows)
     assert torch.equal(target[rows, :n], out) and target[:, n:].isnan().all()
     assert target[[i for i in range(m + 3) if i not in rows]].isnan().all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 6, 7, 20])
+def test_panel_gemm_gives_the_same_bits_on_any_thread_count(m):
+    """Threads split the panels, and a thread pairs its panels by its share: the bits do not depend on either."""
+    g = torch.Generator().manual_seed(m)
+    x, w, b = torch.randn(m, 50, generator=g), torch.randn(150, 50, generator=g), torch.randn(150, generator=g)
+    packed, bias, threads = panel_gemm.pack(w), panel_gemm.pack_bias(b), torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(panel_gemm.linear(x, packed, bias, 150))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results)
+    torch.testing.assert_close(results[0], F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
