@@ -7,7 +7,7 @@ from dyllm_fx.backend import backend
 from dyllm_fx.explain import explain
 from dyllm_fx.generate import generate
 from dyllm_fx.options import Options
-from dyllm_fx.outputs import borrowed_outputs
+from dyllm_fx.outputs import borrowed_outputs, rows_written
 from dyllm_fx.stats import reset, stats
 
-__all__ = ["backend", "borrowed_outputs", "explain", "generate", "Options", "reset", "stats"]
+__all__ = ["backend", "borrowed_outputs", "explain", "generate", "Options", "reset", "rows_written", "stats"]

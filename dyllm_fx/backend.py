@@ -17,7 +17,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from dyllm_fx.kernels import attention_step_cpp, panel_gemm
 from dyllm_fx.lowering import SegmentedGraph
 from dyllm_fx.options import Options
-from dyllm_fx.outputs import owned
+from dyllm_fx.outputs import note_written, owned
 from dyllm_fx.passes.attention import find_attention
 from dyllm_fx.passes.gated_pairs import fuse_gated_pairs
 from dyllm_fx.passes.regions import plan_linears
@@ -161,6 +161,7 @@ class CompiledGraph:
         self.params = weakref.WeakValueDictionary({id(e): e for e in example_inputs if isinstance(e, nn.Parameter)})
         self.report = Report(options)
         self.state: Optional[SequenceState] = None
+        self.written: list[torch.Tensor] = []  # returned caches whose written-row masks end the graph's outputs
         self.linears, self.sites, self.analysis = [], [], None
         self.compact = False
         self.compiled = self._build(gm, list(example_inputs))
@@ -257,6 +258,8 @@ class CompiledGraph:
         others = [i for i, (n, e) in enumerate(zip(placeholders, example_inputs))
                   if i != token_index and _is_user_input(n, e)]
         self.state = SequenceState(result.buffers, device, self.options, token_index, others)
+        by_name = {b.name: t for b, t in zip(self.state.buffers, self.state.tensors)}
+        self.written = [by_name[name] for name in result.written]  # their masks end the graph's outputs
         self.report.cache_bytes = self.state.cache_bytes
         self.rewritten = rewritten
         return self._lower(rewritten, example_inputs + _static_fakes(self.state.tensors), result.steps)
@@ -269,6 +272,11 @@ class CompiledGraph:
         extra = self.state.prepare(args)
         out = self.compiled(*args, *extra)
         self.state.record()
+        if self.written:
+            n = len(out) - len(self.written)
+            for cache, rows in zip(self.written, out[n:]):
+                note_written(cache, rows)
+            out = type(out)(out[:n])
         return owned(out, self.state.storages)
 
 

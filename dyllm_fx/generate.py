@@ -13,7 +13,7 @@ import torch
 
 from dyllm_fx.backend import graphs_of
 from dyllm_fx.kernels import logits_scan
-from dyllm_fx.outputs import borrowed_outputs
+from dyllm_fx.outputs import borrowed_outputs, rows_written
 from dyllm_fx.stats import reset
 
 REMASKING = ("low_confidence", "random", "entropy", "margin")
@@ -215,15 +215,47 @@ def _nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Te
     return logits.masked_fill(outside.scatter(-1, order, outside), -math.inf)
 
 
+class _GreedyScans:
+    """The decoding loop's greedy reads of the logits (`logits_scan`), kept from step to step: where a dyllm model
+    returns its logits cache and says which rows it wrote (`rows_written`), the next read covers those rows and the
+    rows newly scored alone; the other rows' argmax and score are the previous step's, from the same bits."""
+
+    def __init__(self):
+        self.layout = None  # the generated logits' (address, shape, strides) at the last read
+        self.argmax = self.score = None
+        self.scored = None  # the rows scored at the last read: their score belongs to their logits, if unwritten since
+
+    def read(self, generated, written, mask_id: int, scored):
+        """(argmax, score) `[B, G]` of the generated logits, or None where the scan does not take them."""
+        layout = (generated.data_ptr(), tuple(generated.shape), generated.stride())
+        if written is not None and layout == self.layout:
+            rows = written | (scored & ~self.scored)
+            scanned = logits_scan.scan(generated, mask_id, scored, rows=rows, out=(self.argmax, self.score))
+        else:
+            scanned = logits_scan.scan(generated, mask_id, scored)
+        self.scored = scored
+        if scanned is None:  # `out` may hold a partial read
+            self.layout = None
+            return None
+        self.layout, (self.argmax, self.score) = layout, scanned
+        return self.argmax.clone(), self.score.clone()  # the records keep the argmax
+
+
 def _predict(logits, P: int, start: int, end: int, candidates, mask_id: int, shift_logits: bool, temperature: float,
-             top_p: Optional[float], remasking: str):
-    """(noise-free argmax of the generated part [B, G], the block's predictions x0 and their confidence [B, n])."""
+             top_p: Optional[float], remasking: str, scans: Optional[_GreedyScans] = None):
+    """(noise-free argmax of the generated part [B, G], the block's predictions x0 and their confidence [B, n]).
+    `scans`: the loop's earlier reads, for reading only the rows a dyllm model wrote since (`_GreedyScans`)."""
     generated = _predicting(logits, P, logits.shape[1], shift_logits)
     if temperature == 0 and remasking == "low_confidence":
         # on CPU one C++ pass per row gives the argmax and the candidates' confidence (None: the torch ops below)
         scored = torch.zeros(generated.shape[:2], dtype=torch.bool, device=logits.device)
         scored[:, start - P:end - P] = candidates
-        scanned = logits_scan.scan(generated, mask_id, scored)
+        if scans is None:
+            scanned = logits_scan.scan(generated, mask_id, scored)
+        else:
+            written = rows_written(logits)
+            written = None if written is None else _predicting(written, P, logits.shape[1], shift_logits)
+            scanned = scans.read(generated, written, mask_id, scored)
         if scanned is not None:
             argmax, scores = scanned
             return argmax, argmax[:, start - P:end - P], scores[:, start - P:end - P]
@@ -326,7 +358,7 @@ def generate(model, input_ids, *, gen_length: int, steps: int, block_length: int
     x = torch.cat([input_ids, torch.full((B, gen_length), mask_id, dtype=input_ids.dtype, device=device)], dim=1)
     L = x.shape[1]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    records, forward_calls = [], 0
+    records, forward_calls, scans = [], 0, _GreedyScans()
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -345,7 +377,7 @@ def generate(model, input_ids, *, gen_length: int, steps: int, block_length: int
                     _check_in_vocab(mask_id, logits.shape[-1], "the logits' last dimension")
                 forward_calls += 1
                 argmax, x0, confidence = _predict(logits, P, start, end, candidates, mask_id, shift_logits,
-                                                  temperature, top_p, remasking)
+                                                  temperature, top_p, remasking, scans)
                 num_tokens = schedule[step] if confidence_threshold is None else 1
                 select = _select(confidence, candidates, num_tokens, confidence_threshold)
                 committed = torch.zeros_like(x, dtype=torch.bool)

@@ -6,9 +6,14 @@ every output sharing storage with a cache: outputs stay valid after later calls,
 Inside `borrowed_outputs()` such an output is returned as it is, without the copy (a 50 MB write per step for
 SmolLM2's [2, 128, 49152] logits): it is valid until the model's next call, like the outputs of CUDA graphs.
 `generate` and `teacher_forced_agreement` borrow: they read each step's logits before the next call.
+
+A borrowed cache output also tells which of its rows the call wrote (`rows_written`): the others hold what the
+previous call returned there, bit for bit. A decoding loop re-reads only those rows (`generate`'s greedy scan).
 """
 import contextlib
 import contextvars
+import weakref
+from typing import Optional
 
 from torch import Tensor
 
@@ -34,3 +39,33 @@ def owned(outputs, cache_storages: frozenset):
     copied = [o.clone() if isinstance(o, Tensor) and o.untyped_storage().data_ptr() in cache_storages else o
               for o in outputs]
     return tuple(copied) if isinstance(outputs, tuple) else copied
+
+
+# a returned cache's storage address -> (weakref to the cache, its layout, the [B, L] rows its last call wrote)
+_WRITTEN: dict[int, tuple] = {}
+
+
+def note_written(cache: Tensor, rows: Tensor) -> None:
+    """Records that the call which just returned `cache` (a [B, L, ...] cache buffer) wrote its `rows` ([B, L] bool)
+    and no other (`CompiledGraph`, after each call)."""
+    _WRITTEN[cache.untyped_storage().data_ptr()] = (weakref.ref(cache), _layout(cache), rows)
+
+
+def rows_written(output: Tensor) -> Optional[Tensor]:
+    """For an output of a dyllm-compiled model taken under `borrowed_outputs()` ([B, L, ...]: the logits), the
+    [B, L] bool mask of the rows its call wrote: every other row holds what the same model's previous call returned
+    there. Read it before the model's next call. None where not known (the output is not one of the model's caches,
+    or was copied: every row may have changed)."""
+    entry = _WRITTEN.get(output.untyped_storage().data_ptr())
+    if entry is None:
+        return None
+    cache, layout, rows = entry
+    cache = cache()
+    if cache is None or cache.untyped_storage().data_ptr() != output.untyped_storage().data_ptr() or \
+            _layout(output) != layout:
+        return None
+    return rows
+
+
+def _layout(t: Tensor) -> tuple:
+    return tuple(t.shape), t.stride(), t.storage_offset(), t.dtype

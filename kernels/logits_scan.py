@@ -73,12 +73,15 @@ static inline float sum_exp(const float* row, int64_t j0, int64_t j1, float mx) 
     return s;
 }
 
-// rows r = b * G + g at x + b * sb + g * sg; *ok false where a row holds a NaN or a maximum that is not finite
+// rows r = b * G + g at x + b * sb + g * sg, those where `rows` is set (every row where all_rows); *ok false where one
+// holds a NaN or a maximum that is not finite
 extern "C" void kernel(const float* x, int64_t B, int64_t G, int64_t sb, int64_t sg, int64_t n_cols,
-                       int64_t mask_id, const bool* scored, int64_t* argmax, float* score, bool* ok_out) {
+                       int64_t mask_id, const bool* scored, const bool* rows, int64_t all_rows, int64_t* argmax,
+                       float* score, bool* ok_out) {
     bool ok = true;
     #pragma omp parallel for schedule(static) reduction(&& : ok)
     for (int64_t r = 0; r < B * G; ++r) {
+        if (!all_rows && !rows[r]) continue;
         const float* row = x + (r / G) * sb + (r % G) * sg;
         Best best;
         const int64_t m = std::clamp<int64_t>(mask_id, 0, n_cols);  // the mask column is left out
@@ -109,30 +112,40 @@ extern "C" void kernel(const float* x, int64_t B, int64_t G, int64_t sb, int64_t
     *ok_out = ok;
 }
 """
-_ARGTYPES = ["const float*"] + ["int64_t"] * 6 + ["const bool*", "int64_t*", "float*", "bool*"]
+_ARGTYPES = ["const float*"] + ["int64_t"] * 6 + ["const bool*", "const bool*", "int64_t", "int64_t*", "float*", "bool*"]
 
 
 def _kernel():
     return cpp_build.load("logits_scan", _ARGTYPES, _SOURCE, "the decoding loop reads the logits with torch ops")
 
 
-def scan(logits: Tensor, mask_id: int, scored: Optional[Tensor] = None) -> Optional[tuple[Tensor, Tensor]]:
+def scan(logits: Tensor, mask_id: int, scored: Optional[Tensor] = None, rows: Optional[Tensor] = None,
+         out: Optional[tuple[Tensor, Tensor]] = None) -> Optional[tuple[Tensor, Tensor]]:
     """(argmax `[B, G]` int64, score `[B, G]` fp32) of fp32 CPU `logits` `[B, G, V]` (last axis contiguous), or
     None where the kernel does not take them (another dtype or device, a NaN, a maximum that is not finite, no
-    build): the caller runs `reference`'s torch ops then. `scored` None: no row scored."""
+    build): the caller runs `reference`'s torch ops then. `scored` None: no row scored. `rows` (bool `[B, G]`): read
+    only these rows, into `out` (the (argmax, score) of an earlier scan, contiguous, written in place), whose other
+    rows keep their values; without `rows`, every row, into `out` or new tensors. After a None, `out` may hold a
+    partial result."""
     if not (logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 3 and logits.stride(2) == 1
             and (scored is None or scored.shape == logits.shape[:2])):
         return None
+    B, G, n_cols = logits.shape
+    if rows is not None and (out is None or rows.shape != (B, G)):
+        raise ValueError("logits_scan.scan: `rows` takes `out` (the earlier scan's argmax and score) and the "
+                         f"logits' [B, G] = {[B, G]} shape")
+    if out is not None and not all(t.shape == (B, G) and t.is_contiguous() for t in out):
+        raise ValueError(f"logits_scan.scan: `out` must be two contiguous [B, G] = {[B, G]} tensors")
     kernel = _kernel()
     if kernel is None:
         return None
-    B, G, n_cols = logits.shape
     if scored is None:
         scored = torch.zeros(B, G, dtype=torch.bool)
-    argmax = torch.empty(B, G, dtype=torch.int64)
-    score = torch.empty(B, G, dtype=torch.float32)
+    argmax, score = out if out is not None else (torch.empty(B, G, dtype=torch.int64), torch.empty(B, G))
     ok = torch.empty(1, dtype=torch.bool)
-    kernel(logits, B, G, logits.stride(0), logits.stride(1), n_cols, mask_id, scored.contiguous(), argmax, score, ok)
+    scored = scored.contiguous()
+    kernel(logits, B, G, logits.stride(0), logits.stride(1), n_cols, mask_id, scored,
+           scored if rows is None else rows.contiguous(), int(rows is None), argmax, score, ok)
     if not ok.item():
         return None
     return argmax, score

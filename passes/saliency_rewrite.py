@@ -55,6 +55,9 @@ class RewriteResult:
     cache_points: list[tuple[str, str]] = field(default_factory=list)  # (node name, region)
     attention: dict[int, str] = field(default_factory=dict)  # site index -> how its sparse step is computed
     steps: list[fx.Node] = field(default_factory=list)  # the attention steps' calls, in graph order
+    # returned caches whose rows are their first two axes: (the cache's buffer name), in the order their written-row
+    # masks ([B, L] bool) follow the model's outputs at the end of the graph's outputs (`_note_written_rows`)
+    written: list[str] = field(default_factory=list)
 
 
 class SaliencyRewrite:
@@ -140,6 +143,23 @@ class SaliencyRewrite:
     def _use_cache(self, consumer: fx.Node, node: fx.Node) -> None:
         consumer.replace_input_with(node, self._cache_point(node, consumer))
 
+    def _note_written_rows(self, output: fx.Node) -> None:
+        """Appends to the graph's outputs, for each returned cache laid out [B, L, ...], the mask of the rows its put
+        writes (its region's rows): the runtime tells a borrowing caller which rows changed (`dyllm_fx/outputs.py`)."""
+        outs = output.args[0]
+        if not isinstance(outs, (tuple, list)):
+            return
+        region_of = {cache: self.partial[node] for node, cache in self.cache_of.items()}
+        masks = []
+        for o in outs:
+            axes = self.analysis.axes.get(o) if isinstance(o, fx.Node) else None
+            if o in region_of and axes is not None and (axes.batch, axes.token) == (0, 1) and \
+                    o.name not in self.result.written:
+                masks.append(self.rows[region_of[o]])
+                self.result.written.append(o.name)
+        if masks:
+            output.args = (type(outs)([*outs, *masks]),)
+
     # -- the walk --------------------------------------------------------------------------------
     def run(self) -> RewriteResult:
         ex = tensor_meta(self.analysis.token_input)
@@ -165,6 +185,7 @@ class SaliencyRewrite:
                 for a in node.all_input_nodes:
                     if a in self.partial:
                         self._use_cache(node, a)
+                self._note_written_rows(node)
             else:
                 self._propagate(node)
         for row in reversed(self.stats_rows):

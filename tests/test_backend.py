@@ -276,6 +276,36 @@ def test_borrowed_outputs_are_the_cache_without_a_copy():
     assert torch.equal(first, second) and not torch.equal(first, as_returned)
 
 
+@pytest.mark.parametrize("kind,lowering", [("llada", "eager"), ("dream", "eager"), ("tiny", "eager"),
+                                           pytest.param("dream", "inductor", marks=pytest.mark.slow)])
+def test_rows_written_names_every_row_a_call_changed(kind, lowering):
+    """A borrowed logits cache says which rows its call wrote: every other row holds the previous call's bits. The
+    first call writes every row, sparse steps fewer; "paper" (its LM head reads every row) and copies say nothing."""
+    model = build(kind, 2, 2, 2, 8, seed=1)
+    mask_id = 96
+    for policy in ("full", "paper"):
+        compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.98, policy=policy, lowering=lowering,
+                                                                 dense_steps=1), dynamic=False)
+        counts, beyond, previous, previous_ids = [], 0, None, None
+        with torch.no_grad(), dyllm_fx.borrowed_outputs():
+            for ids in left_to_right(mask_id):
+                logits = logits_of(compiled(ids))
+                written = dyllm_fx.rows_written(logits)
+                if policy == "paper":
+                    assert written is None
+                    continue
+                assert written.shape == ids.shape and written.dtype == torch.bool
+                if previous is not None:
+                    assert torch.equal(logits[~written], previous[~written])
+                    beyond += int((written & (ids == previous_ids)).sum())  # rows whose token did not change
+                counts.append(int(written.sum()))
+                previous, previous_ids = logits.clone(), ids
+        if policy == "full":
+            assert counts[0] == ids.numel() and min(counts[1:]) < ids.numel() and beyond > 0, (counts, beyond)
+        with torch.no_grad():
+            assert dyllm_fx.rows_written(logits_of(compiled(ids))) is None  # not borrowed: a copy
+
+
 @pytest.mark.parametrize("options,match", [
     ({"tua": 0.9}, "unknown dyllm option"),
     ({"tau": 0.0}, "tau"),

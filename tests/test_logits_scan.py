@@ -1,11 +1,13 @@
 """The decoding loop's C++ read of the logits (`kernels/logits_scan.py`) against its torch reference, and its use
 in `generate`."""
 import math
+import sys
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import dyllm_fx
 from dyllm_fx.generate import generate
 from dyllm_fx.kernels import logits_scan
 from dyllm_fx.models import llada_like
@@ -58,3 +60,46 @@ def test_generate_decodes_alike_with_and_without_it(monkeypatch):
     slow = generate(model, prompt, **kw)
     assert torch.equal(fast.tokens, slow.tokens)
     assert all(torch.equal(a.argmax, b.argmax) for a, b in zip(fast.records, slow.records))
+
+
+def test_a_scan_of_some_rows_writes_those_rows_of_the_earlier_scan_alone():
+    g = torch.Generator().manual_seed(0)
+    logits, scored = torch.randn(2, 4, 50, generator=g), torch.rand(2, 4, generator=g) < 0.5
+    earlier = (torch.full((2, 4), -1), torch.full((2, 4), -1.0))
+    rows = torch.tensor([[True, False, False, True], [False, True, False, False]])
+    argmax, score = logits_scan.scan(logits, 3, scored, rows=rows, out=earlier)
+    assert argmax is earlier[0] and score is earlier[1]
+    whole = logits_scan.scan(logits, 3, scored)
+    assert torch.equal(argmax[rows], whole[0][rows]) and torch.equal(score[rows], whole[1][rows])
+    assert (argmax[~rows] == -1).all() and (score[~rows] == -1).all()
+    with pytest.raises(ValueError, match="out"):
+        logits_scan.scan(logits, 3, scored, rows=rows)
+    with pytest.raises(ValueError, match="out"):
+        logits_scan.scan(logits, 3, scored, out=(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3)))
+
+
+def test_generate_reads_only_the_rows_a_dyllm_model_wrote_and_decodes_alike(monkeypatch):
+    """Over a dyllm decode (sparse steps write a few rows of the logits cache), reading only the written rows (and
+    the newly scored ones) gives the same confidences, records and tokens as reading every row."""
+    loop = sys.modules["dyllm_fx.generate"]  # the module (`dyllm_fx.generate` is the function)
+    model = llada_like(vocab_size=64, hidden_size=32, num_heads=2, seed=3).eval()
+    compiled = torch.compile(model, backend=dyllm_fx.backend(tau=0.95, policy="full", lowering="eager",
+                                                             dense_steps=1), dynamic=False)
+    prompt = torch.randint(0, 63, (2, 5), generator=torch.Generator().manual_seed(0))
+    kw = dict(gen_length=16, steps=8, block_length=4, mask_id=63)
+    read, confidences = [], []
+    select = loop._select
+    monkeypatch.setattr(loop, "_select", lambda confidence, candidates, *a: confidences.append(
+        torch.where(candidates, confidence, 0)) or select(confidence, candidates, *a))
+    scan = logits_scan.scan
+    monkeypatch.setattr(logits_scan, "scan", lambda logits, mask_id, scored=None, rows=None, out=None: read.append(
+        logits.shape[0] * logits.shape[1] if rows is None else int(rows.sum())) or scan(logits, mask_id, scored,
+                                                                                        rows, out))
+    fast = generate(compiled, prompt, **kw)
+    assert len(read) == fast.forward_calls and min(read) < max(read) == 2 * 16, read
+    monkeypatch.setattr(loop, "rows_written", lambda logits: None)
+    slow = generate(compiled, prompt, **kw)
+    assert torch.equal(fast.tokens, slow.tokens)
+    assert all(torch.equal(a.argmax, b.argmax) for a, b in zip(fast.records, slow.records))
+    half = len(confidences) // 2
+    assert all(torch.equal(a, b) for a, b in zip(confidences[:half], confidences[half:]))
