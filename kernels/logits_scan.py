@@ -112,7 +112,8 @@ extern "C" void kernel(const float* x, int64_t B, int64_t G, int64_t sb, int64_t
     *ok_out = ok;
 }
 """
-_ARGTYPES = ["const float*"] + ["int64_t"] * 6 + ["const bool*", "const bool*", "int64_t", "int64_t*", "float*", "bool*"]
+_ARGTYPES = (["const float*"] + ["int64_t"] * 6 +
+             ["const bool*", "const bool*", "int64_t", "int64_t*", "float*", "bool*"])
 
 
 def _kernel():

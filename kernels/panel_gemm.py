@@ -7,7 +7,8 @@ Layout (`pack`): the weight `[N, K]` becomes `[ceil(N / 16), K, 16]`, the last p
 holds output columns `16p .. 16p + 15`, the 16 weights of each `k` side by side, so a panel is one sequential
 read. The bias is padded the same way.
 
-Kernel: threads take panels. For each panel the rows go in balanced chunks of at most 6. For every `k`, the
+Kernel: threads take panels. For each panel the rows go in chunks of at most 6 (`chunk_rows`: balanced where
+that gives chunks of 5 or 6 rows, else 6s and the rest: 8 rows are 6 + 2). For every `k`, the
 panel's 16 weights at `k` (two AVX2 vectors) times `x[i, k]` broadcast go into 12 accumulators (6 rows x 2
 vectors: 12 independent FMA chains, 15 of AVX2's 16 registers). There are no horizontal sums. A panel comes from
 memory once per block of `ROW_BLOCK` rows, its first chunk prefetching 64 `k` ahead:
@@ -150,6 +151,14 @@ constexpr int64_t KBLOCK_ROWS = 18;  // up to this many rows the passes are k-bl
 constexpr int64_t KBLOCK_CHUNKS = (KBLOCK_ROWS + 5) / 6;
 constexpr int64_t PAIR_ROWS = 6;  // up to this many rows a thread reads two panels side by side
 
+// The size of chunk c of M rows in `chunks` chunks (at most 6 rows each), starting at row i. Balanced where that gives
+// chunks of 5 or 6 rows; else chunks of 6 and the rest last (8 rows are 6 + 2, not 4 + 4): chunks of 3 or 4 rows
+// run their FMA chains at about the cost of 6 rows, those of 1 or 2 at less (ad hoc, 7 to 18 rows on the development
+// machine: up to 15 % faster at 7-9 and 13-14 rows, the balanced split kept where it was faster)
+static inline int64_t chunk_rows(int64_t M, int64_t chunks, int64_t c, int64_t i) {
+    return M / chunks >= 5 ? (M - i) / (chunks - c) : std::min<int64_t>(6, M - i);
+}
+
 // MB rows (1 to 3) of two panels read side by side, k by k (both panels' accumulators in registers), each
 // prefetched PREFETCH k ahead, into its next panel at its end
 template <int MB>
@@ -194,7 +203,7 @@ static inline void rows_k_blocked(const float* x, const float* const* panel, con
     const int64_t chunks = (M + 5) / 6;
     for (int64_t c = 0, i = 0; c < chunks; i += size[c], ++c) {
         start[c] = i;
-        size[c] = (M - i) / (chunks - c);
+        size[c] = chunk_rows(M, chunks, c, i);
     }
     for (int64_t s = 0; s < n; ++s)
         for (int64_t j = 0; j < chunks * 6 * NV; ++j) acc[s][j] = Vec(0.f);
@@ -218,16 +227,16 @@ static inline void rows_k_blocked(const float* x, const float* const* panel, con
         }
 }
 
-// M rows (more than KBLOCK_ROWS) of one panel in balanced chunks of at most 6, one pass per chunk: the first chunk streams the panel from memory, prefetching
-// PREFETCH k ahead into L1; the others read it from L1/L2, and the last of them prefetches the next panel into L2,
-// so that memory keeps streaming while they compute. A prefetch past the packed weight's end is harmless:
-// prefetches never fault.
+// M rows (more than KBLOCK_ROWS) of one panel in chunks of at most 6 (`chunk_rows`), one pass per chunk: the first
+// chunk streams the panel from memory, prefetching PREFETCH k ahead into L1; the others read it from L1/L2, and the
+// last of them prefetches the next panel into L2, so that memory keeps streaming while they compute. A prefetch past
+// the packed weight's end is harmless: prefetches never fault.
 static inline void rows(const float* x, const float* panel, const float* bias, float* out, const int64_t* orow,
                         int64_t M, int64_t K, int64_t ldx, int64_t ldo, int64_t cols) {
     const int64_t chunks = (M + 5) / 6;
     int64_t i = 0;
     for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t mb = (M - i) / (chunks - c);
+        const int64_t mb = chunk_rows(M, chunks, c, i);
         float* o = orow ? out : out + i * ldo;  // the chunk's rows: from o, or scattered by orow + i
         const int64_t* r = orow ? orow + i : nullptr;
         if (c == 0)
