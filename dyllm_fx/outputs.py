@@ -48,7 +48,11 @@ _WRITTEN: dict[int, tuple] = {}
 def note_written(cache: Tensor, rows: Tensor) -> None:
     """Records that the call which just returned `cache` (a [B, L, ...] cache buffer) wrote its `rows` ([B, L] bool)
     and no other (`CompiledGraph`, after each call)."""
-    _WRITTEN[cache.untyped_storage().data_ptr()] = (weakref.ref(cache), _layout(cache), rows)
+    key = cache.untyped_storage().data_ptr()
+    entry = _WRITTEN.get(key)
+    ref = entry[0] if entry is not None and entry[0]() is cache else weakref.ref(
+        cache, lambda r, key=key: _WRITTEN.pop(key) if _WRITTEN.get(key, (None,))[0] is r else None)
+    _WRITTEN[key] = (ref, _layout(cache), rows)
 
 
 def rows_written(output: Tensor) -> Optional[Tensor]:
