@@ -51,8 +51,7 @@ def test_a_row_gets_the_same_bits_whatever_rows_share_its_call(k, widths, total,
 def test_panel_gemm_is_the_linear(m, n, k, pad, bias, row_block, seed):
     """Any row count (two panels side by side at up to 6 rows, k-blocked chunks at 7-18 rows, one pass per chunk
     above), column count (a partial last panel), passes over the weight, and inputs with a row stride wider than
-    their width. With `out_rows` the
-    same rows land in those rows of `out`, and its other rows stay as they were."""
+    their width. With `out_rows` the same rows land in those rows of `out`, and its other rows stay as they were."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k + pad, generator=g)[:, :k]
     w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g) if bias else None
