@@ -242,7 +242,7 @@ class _GreedyScans:
 
 
 def _predict(logits, P: int, start: int, end: int, candidates, mask_id: int, shift_logits: bool, temperature: float,
-             top_p: Optional[float], remasking: str, scans: Optional[_GreedyScans] = None):
+             top_p: Optional[float], remasking: str, scans: _GreedyScans):
     """(noise-free argmax of the generated part [B, G], the block's predictions x0 and their confidence [B, n]).
     `scans`: the loop's earlier reads, for reading only the rows a dyllm model wrote since (`_GreedyScans`)."""
     generated = _predicting(logits, P, logits.shape[1], shift_logits)
@@ -250,12 +250,9 @@ def _predict(logits, P: int, start: int, end: int, candidates, mask_id: int, shi
         # on CPU one C++ pass per row gives the argmax and the candidates' confidence (None: the torch ops below)
         scored = torch.zeros(generated.shape[:2], dtype=torch.bool, device=logits.device)
         scored[:, start - P:end - P] = candidates
-        if scans is None:
-            scanned = logits_scan.scan(generated, mask_id, scored)
-        else:
-            written = rows_written(logits)
-            written = None if written is None else _predicting(written, P, logits.shape[1], shift_logits)
-            scanned = scans.read(generated, written, mask_id, scored)
+        written = rows_written(logits)
+        written = None if written is None else _predicting(written, P, logits.shape[1], shift_logits)
+        scanned = scans.read(generated, written, mask_id, scored)
         if scanned is not None:
             argmax, scores = scanned
             return argmax, argmax[:, start - P:end - P], scores[:, start - P:end - P]

@@ -50,8 +50,10 @@ def note_written(cache: Tensor, rows: Tensor) -> None:
     and no other (`CompiledGraph`, after each call)."""
     key = cache.untyped_storage().data_ptr()
     entry = _WRITTEN.get(key)
-    ref = entry[0] if entry is not None and entry[0]() is cache else weakref.ref(
-        cache, lambda r, key=key: _WRITTEN.pop(key) if _WRITTEN.get(key, (None,))[0] is r else None)
+    if entry is not None and entry[0]() is cache:  # every call after the first: the same cache and layout
+        _WRITTEN[key] = (*entry[:2], rows)
+        return
+    ref = weakref.ref(cache, lambda r, key=key: _WRITTEN.pop(key) if _WRITTEN.get(key, (None,))[0] is r else None)
     _WRITTEN[key] = (ref, _layout(cache), rows)
 
 
